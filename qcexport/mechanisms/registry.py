@@ -1,0 +1,128 @@
+"""The mechanism registry: one declarative spec per mechanism.
+
+Everything the exporter, the golden-set writer and the tests need to know about a mechanism
+lives in its spec (as optimum's export configs do): the builder, the presets, the example-input
+factory, input and output names, dynamic axes, and the golden cases. Generic code reads the
+spec and never branches on a mechanism's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from qcrun.errors import UserError, unknown_choice
+from torch import nn
+
+PRESETS = ("tiny", "base")
+
+
+@dataclass(frozen=True)
+class Case:
+    """A named set of example-input parameters (batch, tokens, text length, flags...)."""
+
+    name: str
+    params: Mapping[str, Any]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class MechanismSpec:
+    name: str
+    summary: str
+    source: str  # the paper the module follows
+    config_cls: type
+    presets: Mapping[str, Mapping[str, Any]]
+    builder: Callable[[Any], nn.Module]
+    # make_inputs(config, *, seed, **params) -> {input name: tensor}
+    make_inputs: Callable[..., dict[str, torch.Tensor]]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    # {input or output name: {axis index: symbolic axis name}}
+    dynamic_axes: Mapping[str, Mapping[int, str]]
+    golden_cases: tuple[Case, ...]
+    # Shapes used by export (the traced shape) and by verification (a different one).
+    export_case: Case = field(default_factory=lambda: Case("export", {"batch": 2}))
+    verify_case: Case = field(default_factory=lambda: Case("verify", {"batch": 1}))
+
+    def config(self, preset: str = "tiny", **overrides) -> Any:
+        if preset not in self.presets:
+            raise unknown_choice("preset", preset, self.presets, flag="--preset")
+        values = {**self.presets[preset], **overrides}
+        names = {f.name for f in dataclasses.fields(self.config_cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise UserError(
+                f"{self.name} has no config field(s) {', '.join(unknown)}; "
+                f"fields: {', '.join(sorted(names))}"
+            )
+        return self.config_cls(**values)
+
+    def inputs(self, config, case: Case | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+        params = dict(case.params) if case else {}
+        feed = self.make_inputs(config, seed=seed, **params)
+        missing = [n for n in self.input_names if n not in feed]
+        if missing or list(feed) != list(self.input_names):
+            raise RuntimeError(f"{self.name}: example inputs {list(feed)} != spec {self.input_names}")
+        return feed
+
+
+_REGISTRY: dict[str, MechanismSpec] = {}
+
+
+def register(spec: MechanismSpec) -> MechanismSpec:
+    if spec.name in _REGISTRY:
+        raise RuntimeError(f"mechanism {spec.name!r} registered twice")
+    missing = [p for p in PRESETS if p not in spec.presets]
+    if missing:
+        raise RuntimeError(f"mechanism {spec.name!r} lacks presets {missing}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> MechanismSpec:
+    if name not in _REGISTRY:
+        raise unknown_choice("mechanism", name, _REGISTRY)
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def create(name: str, preset: str = "tiny", **overrides) -> nn.Module:
+    """Build mechanism ``name`` at ``preset`` in eval mode, with config ``overrides``."""
+    spec = get(name)
+    torch.manual_seed(0)
+    return spec.builder(spec.config(preset, **overrides)).eval()
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def describe(name: str) -> dict[str, Any]:
+    """Plain data about one mechanism, for `qcexport list`."""
+    spec = get(name)
+    presets = {}
+    for preset in spec.presets:
+        config = spec.config(preset)
+        with torch.device("meta"):  # count parameters without allocating base weights
+            module = spec.builder(config)
+        presets[preset] = {
+            "parameters": parameter_count(module),
+            "config": dataclasses.asdict(config),
+        }
+    return {
+        "name": spec.name,
+        "summary": spec.summary,
+        "source": spec.source,
+        "inputs": list(spec.input_names),
+        "outputs": list(spec.output_names),
+        "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in spec.dynamic_axes.items()},
+        "golden_cases": [c.name for c in spec.golden_cases],
+        "presets": presets,
+    }
