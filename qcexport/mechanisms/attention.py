@@ -96,7 +96,8 @@ class MultiHeadAttention(nn.Module):
         k = self._split(self.to_k(context))
         v = self._split(self.to_v(context))
         out, weights = attend(q, k, v, mask, fused=self.fused, return_weights=self.record_weights)
-        self.last_weights = weights
+        if self.record_weights:  # no module mutation otherwise: torch.cond branches forbid it
+            self.last_weights = weights
         b, _, n, _ = out.shape
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)  # [B, Lq, H*Dh]
         return self.to_out(out)

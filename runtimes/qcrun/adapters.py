@@ -98,7 +98,8 @@ class Adapter:
                 raise unknown_choice(f"{self.engine} option", key, self.known_options)
         if not self.model_path.is_file():
             raise UserError(
-                f"model file {self.model_path} does not exist", stage="load",
+                f"model file {self.model_path} does not exist",
+                stage="load",
                 hint="pass the path of an exported .onnx file",
             )
         try:
@@ -171,11 +172,13 @@ class Adapter:
             if info.name in checked:
                 problems.append(f"input {info.name!r} is given twice (as {key!r})")
                 continue
-            array = np.ascontiguousarray(value)
+            array = np.asarray(value)
+            if not array.flags.c_contiguous:  # not np.ascontiguousarray: it makes 0-d arrays 1-d
+                array = np.ascontiguousarray(array)
             problems += _array_problems(info, array)
             checked[info.name] = array
         for info in self._inputs:
-            if info.name not in checked and not any(a in feed for a in info.aliases):
+            if info.name not in checked:
                 problems.append(f"input {info.name!r} is missing")
         if problems:
             expected = ", ".join(i.describe() for i in self._inputs)
@@ -274,17 +277,19 @@ class OrtAdapter(Adapter):
     """
 
     engine = "onnxruntime"
-    known_options = frozenset({
-        "graph_optimization_level",  # disable | basic | extended | all
-        "intra_op_threads",  # 0 or None: onnxruntime's default
-        "provider_options",  # {provider: {key: value}} merged over ours
-        "trt_fp16",
-        "trt_workspace_bytes",
-        "trt_cache",
-        "cache_dir",  # engine and timing caches; default default_cache_dir()/<target>
-        "profile_shapes",
-        "profile_feeds",
-    })
+    known_options = frozenset(
+        {
+            "graph_optimization_level",  # disable | basic | extended | all
+            "intra_op_threads",  # 0 or None: onnxruntime's default
+            "provider_options",  # {provider: {key: value}} merged over ours
+            "trt_fp16",
+            "trt_workspace_bytes",
+            "trt_cache",
+            "cache_dir",  # engine and timing caches; default default_cache_dir()/<target>
+            "profile_shapes",
+            "profile_feeds",
+        }
+    )
 
     def __init__(self, model_path, target, **options):
         super().__init__(model_path, target, **options)

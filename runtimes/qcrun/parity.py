@@ -1,0 +1,686 @@
+"""Parity: compare runtime outputs with golden outputs, under a tolerance policy, as records.
+
+Running and comparing are separate: ``compare`` is a pure function on two arrays, and
+``run_parity`` runs every case of a golden set on every target and turns each output into a
+``Record`` (pass, fail or skip, with the numbers and the tolerance used). Every failure is
+collected; nothing stops at the first. The report is plain data that saves to JSON and loads
+back, and renders as JUnit XML and as a text matrix. The host (qcexport) calls this same code,
+so host and device cannot disagree about what "pass" means.
+
+Verdict rule (``compare``): an output passes iff
+
+1. its shape equals the expected shape;
+2. its non-finite values agree with the expected ones: a NaN or Inf where the expected value is
+   finite, or a finite value where the expected one is NaN/Inf, fails whatever the tolerance
+   (no tolerance can make NaN right, and NaN would poison every other metric);
+3. every finite element satisfies ``|actual - expected| <= max_abs + max_rel * |expected|``
+   (numpy.allclose style; ``max_rel=None`` means a pure absolute bound). A per-element bound
+   scales with the output's magnitude where a global one cannot: logits of size 50 carry more
+   absolute rounding error than normalised features of size 1;
+4. the cosine similarity of the flattened finite values is at least ``min_cosine`` -- checked
+   only when the expected output has some element larger than ``max_abs``: on an all-(near-)zero
+   output the direction of the rounding noise is meaningless and the absolute bound decides.
+
+The dtype is recorded but does not decide: an fp16 engine that returns fp32 is judged on values.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcrun.adapters import LoadFailed, RunFailed, TargetUnavailable, adapter_for
+from qcrun.errors import UserError, unknown_choice
+from qcrun.golden import GoldenSet
+from qcrun.targets import PRECISIONS, TOLERANCE_FIELDS, Target, availability, get_target
+
+#: Floor on |expected| in max_rel, so that an expected 0 does not divide by zero. It only
+#: affects the reported max_rel; the verdict uses the allclose bound above.
+REL_FLOOR = 1e-6
+
+VERDICTS = ("pass", "fail", "skip")
+
+
+# --- tolerances ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Bounds for one output: ``|a - e| <= max_abs + max_rel*|e|`` per element, and cosine."""
+
+    max_abs: float
+    max_rel: float | None = None
+    min_cosine: float = 0.0
+
+    def overridden(self, fields: Mapping[str, float | None]) -> Tolerance:
+        return replace(self, **_checked_fields(fields))
+
+    def bound(self) -> str:
+        """The per-element bound in words, e.g. "1e-04 + 1e-04*|expected|"."""
+        text = f"{self.max_abs:.0e}"
+        if self.max_rel:
+            text += f" + {self.max_rel:.0e}*|expected|"
+        return text
+
+    def describe(self) -> str:
+        return f"max_abs {self.bound()}, cosine >= {self.min_cosine:g}"
+
+    def to_dict(self) -> dict[str, float | None]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Tolerance:
+        return cls(**_checked_fields(data))
+
+
+def _checked_fields(fields: Mapping[str, Any]) -> dict[str, float | None]:
+    for key in fields:
+        if key not in TOLERANCE_FIELDS:
+            raise unknown_choice("tolerance field", key, TOLERANCE_FIELDS)
+    return {k: (None if v is None else float(v)) for k, v in fields.items()}
+
+
+# Default tolerance per precision, against PyTorch eager fp32 golden outputs, and why:
+# - fp32: engines reorder and fuse sums (blocked GEMMs, fused softmax), so identical math
+#   drifts by ~1e-6 relative per op; a few attention layers on O(1) activations stay well below
+#   1e-4. cosine 0.99999 still catches a wrong mask or a dropped branch that moves few elements.
+# - fp16: 10-bit mantissa (eps ~1e-3); after several layers errors reach ~1e-2 on O(1) values.
+# - int8-dynamic: activations quantised per tensor at run time, weights int8: single elements
+#   can be off by a few quantisation steps (~0.05-0.1), but the output direction survives, so
+#   cosine >= 0.99 is the real criterion and max_abs only catches gross errors.
+# - int8-static: activation ranges come from calibration and clip outliers: looser max_abs,
+#   same cosine criterion.
+DEFAULT_TOLERANCES: Mapping[str, Tolerance] = {
+    "fp32": Tolerance(max_abs=1e-4, max_rel=1e-4, min_cosine=0.99999),
+    "fp16": Tolerance(max_abs=1e-2, max_rel=1e-2, min_cosine=0.999),
+    "int8-dynamic": Tolerance(max_abs=0.15, max_rel=0.05, min_cosine=0.99),
+    "int8-static": Tolerance(max_abs=0.25, max_rel=0.1, min_cosine=0.99),
+}
+
+Scoped = Mapping[str, Mapping[str, Mapping[str, float | None]]]
+
+
+@dataclass(frozen=True)
+class TolerancePolicy:
+    """Which tolerance applies to (precision, target, output).
+
+    ``resolve`` starts from ``defaults[precision]``, then applies, each over the last:
+    the target profile's ``tolerance_overrides[precision]`` (when ``use_target_profiles``),
+    ``targets[target]["*"]``, ``targets[target][precision]``, ``outputs[output]["*"]``,
+    ``outputs[output][precision]``. Overrides are partial: ``{"max_abs": 1e-3}`` keeps the
+    other fields. Outputs come last because an output's nature (logits vs normalised features)
+    matters on every target.
+    """
+
+    defaults: Mapping[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+    targets: Scoped = field(default_factory=dict)
+    outputs: Scoped = field(default_factory=dict)
+    use_target_profiles: bool = True
+
+    def __post_init__(self):
+        for scoped in (self.targets, self.outputs):
+            for scopes in scoped.values():
+                for scope, fields in scopes.items():
+                    if scope != "*" and scope not in PRECISIONS:
+                        raise unknown_choice("precision", scope, (*PRECISIONS, "*"))
+                    _checked_fields(fields)
+
+    def resolve(self, precision: str, target: str | Target, output: str | None = None) -> Tolerance:
+        if precision not in self.defaults:
+            raise unknown_choice("precision", precision, self.defaults, flag="--precision")
+        target = get_target(target)
+        tolerance = self.defaults[precision]
+        layers = []
+        if self.use_target_profiles:
+            layers.append(target.tolerance_overrides.get(precision, {}))
+        for scopes in (self.targets.get(target.name, {}), self.outputs.get(output, {})):
+            layers += [scopes.get("*", {}), scopes.get(precision, {})]
+        for fields in layers:
+            if fields:
+                tolerance = tolerance.overridden(fields)
+        return tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "defaults": {k: t.to_dict() for k, t in self.defaults.items()},
+            "targets": _plain(self.targets),
+            "outputs": _plain(self.outputs),
+            "use_target_profiles": self.use_target_profiles,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TolerancePolicy:
+        """A policy from plain data; missing defaults are the built-in ones."""
+        defaults = dict(DEFAULT_TOLERANCES)
+        for precision, fields in (data.get("defaults") or {}).items():
+            if precision not in PRECISIONS:
+                raise unknown_choice("precision", precision, PRECISIONS)
+            defaults[precision] = defaults[precision].overridden(fields)
+        return cls(
+            defaults=defaults,
+            targets=data.get("targets") or {},
+            outputs=data.get("outputs") or {},
+            use_target_profiles=bool(data.get("use_target_profiles", True)),
+        )
+
+
+def _plain(scoped: Scoped) -> dict:
+    return {k: {s: dict(f) for s, f in v.items()} for k, v in scoped.items()}
+
+
+# --- comparing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """How far one output is from its golden value. Value metrics cover positions where both
+    arrays are finite; they are None when the shapes differ (there is nothing to pair up)."""
+
+    max_abs: float | None
+    max_rel: float | None
+    mean_abs: float | None
+    cosine: float | None
+    nan_actual: int
+    inf_actual: int
+    nan_expected: int
+    inf_expected: int
+    nonfinite_mismatch: int
+    shape_match: bool
+    dtype_match: bool
+    actual_shape: tuple[int, ...]
+    expected_shape: tuple[int, ...]
+    actual_dtype: str
+    expected_dtype: str
+    violations: int = 0
+    worst_index: tuple[int, ...] | None = None
+    worst_actual: float | None = None
+    worst_expected: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("actual_shape", "expected_shape", "worst_index"):
+            if data[key] is not None:
+                data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Metrics:
+        data = dict(data)
+        for key in ("actual_shape", "expected_shape", "worst_index"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The outcome of ``compare``: the metrics, the tolerance applied, the verdict and why."""
+
+    metrics: Metrics
+    tolerance: Tolerance
+    passed: bool
+    reason: str
+    code: str  # ok | shape | nonfinite | tolerance
+
+
+def _counts(array: np.ndarray) -> tuple[int, int]:
+    if not np.issubdtype(array.dtype, np.inexact):
+        return 0, 0
+    return int(np.isnan(array).sum()), int(np.isinf(array).sum())
+
+
+def compare(actual: np.ndarray, expected: np.ndarray, tolerance: Tolerance) -> Comparison:
+    """Compare one output with its golden value under ``tolerance`` (see the module docstring)."""
+    a, e = np.asarray(actual), np.asarray(expected)
+    nan_a, inf_a = _counts(a)
+    nan_e, inf_e = _counts(e)
+    base = {
+        "nan_actual": nan_a,
+        "inf_actual": inf_a,
+        "nan_expected": nan_e,
+        "inf_expected": inf_e,
+        "shape_match": a.shape == e.shape,
+        "dtype_match": a.dtype == e.dtype,
+        "actual_shape": tuple(a.shape),
+        "expected_shape": tuple(e.shape),
+        "actual_dtype": str(a.dtype),
+        "expected_dtype": str(e.dtype),
+    }
+    if a.shape != e.shape:
+        metrics = Metrics(None, None, None, None, nonfinite_mismatch=0, **base)
+        reason = f"shape {list(a.shape)} but expected {list(e.shape)}"
+        return Comparison(metrics, tolerance, False, reason, "shape")
+
+    a64, e64 = a.astype(np.float64), e.astype(np.float64)
+    finite = np.isfinite(a64) & np.isfinite(e64)
+    same_nonfinite = (np.isnan(a64) & np.isnan(e64)) | (a64 == e64)
+    bad_nonfinite = ~finite & ~same_nonfinite
+    nonfinite_mismatch = int(bad_nonfinite.sum())
+
+    diff, magnitude = np.zeros(a.shape), np.zeros(a.shape)
+    diff[finite] = np.abs(a64[finite] - e64[finite])
+    magnitude[finite] = np.abs(e64[finite])
+    n = int(finite.sum())
+    max_abs = float(diff.max()) if n else 0.0
+    max_rel = float((diff / np.maximum(magnitude, REL_FLOOR)).max()) if n else 0.0
+    mean_abs = float(diff.sum() / n) if n else 0.0
+    cosine = _cosine(a64[finite], e64[finite])
+
+    excess = diff - (tolerance.max_abs + (tolerance.max_rel or 0.0) * magnitude)
+    over = finite & (excess > 0)
+    violations = int(over.sum())
+    worst = {}
+    if violations:
+        index = np.unravel_index(int(np.argmax(np.where(over, excess, -np.inf))), a.shape)
+        worst = {
+            "worst_index": tuple(int(i) for i in index),
+            "worst_actual": float(a64[index]),
+            "worst_expected": float(e64[index]),
+        }
+    metrics = Metrics(
+        max_abs,
+        max_rel,
+        mean_abs,
+        cosine,
+        nonfinite_mismatch=nonfinite_mismatch,
+        violations=violations,
+        **base,
+        **worst,
+    )
+
+    problems, code = [], "ok"
+    if nonfinite_mismatch:
+        problems.append(_nonfinite_reason(a64, e64, bad_nonfinite))
+        code = "nonfinite"
+    if violations:
+        problems.append(
+            f"{violations} of {a.size} elements exceed {tolerance.bound()} (worst at "
+            f"{list(worst['worst_index'])}: actual {worst['worst_actual']:.6g}, expected "
+            f"{worst['worst_expected']:.6g})"
+        )
+        code = "tolerance" if code == "ok" else code
+    signal = float(magnitude.max()) if n else 0.0
+    if signal > tolerance.max_abs and cosine < tolerance.min_cosine:
+        problems.append(f"cosine {cosine:.6f} < {tolerance.min_cosine:g}")
+        code = "tolerance" if code == "ok" else code
+    return Comparison(metrics, tolerance, not problems, "; ".join(problems), code)
+
+
+def _cosine(a: np.ndarray, e: np.ndarray) -> float:
+    norm_a, norm_e = float(np.linalg.norm(a)), float(np.linalg.norm(e))
+    if norm_a == 0.0 and norm_e == 0.0:
+        return 1.0
+    if norm_a == 0.0 or norm_e == 0.0:
+        return 0.0
+    return float(np.dot(a.ravel(), e.ravel()) / (norm_a * norm_e))
+
+
+def _nonfinite_reason(a: np.ndarray, e: np.ndarray, bad: np.ndarray) -> str:
+    nan = int((bad & np.isnan(a)).sum())
+    inf = int((bad & np.isinf(a)).sum())
+    lost = int((bad & np.isfinite(a)).sum())
+    parts = []
+    if nan or inf:
+        parts.append(f"{nan} NaN and {inf} Inf in actual where expected is finite")
+    if lost:
+        parts.append(f"{lost} finite values in actual where expected is NaN/Inf")
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    return f"{', '.join(parts) or 'non-finite values differ'} (first at {list(first)})"
+
+
+# --- records and reports ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    """One verdict: an output of a case on a target (``output`` None: the whole case).
+
+    ``code`` says what kind of verdict it is: ok, tolerance, nonfinite, shape, missing-output,
+    load, run, unavailable, precision, attention-form.
+    """
+
+    target: str
+    case: str
+    output: str | None
+    verdict: str
+    code: str
+    message: str = ""
+    metrics: Metrics | None = None
+    tolerance: Tolerance | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["metrics"] = self.metrics.to_dict() if self.metrics else None
+        data["tolerance"] = self.tolerance.to_dict() if self.tolerance else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Record:
+        data = dict(data)
+        if data.get("metrics") is not None:
+            data["metrics"] = Metrics.from_dict(data["metrics"])
+        if data.get("tolerance") is not None:
+            data["tolerance"] = Tolerance.from_dict(data["tolerance"])
+        return cls(**data)
+
+    def describe(self) -> str:
+        """One line with the numbers, for a failure list."""
+        where = " / ".join(x for x in (self.target, self.case, self.output) if x)
+        if self.metrics is None or self.metrics.max_abs is None:
+            return f"{where}: {self.message}"
+        m, t = self.metrics, self.tolerance
+        if t is None:
+            numbers = f"max_abs {m.max_abs:.3g}, cosine {m.cosine:.6f}"
+        else:
+            numbers = (
+                f"max_abs {m.max_abs:.3g} (tolerance {t.bound()}), "
+                f"cosine {m.cosine:.6f} (min {t.min_cosine:g})"
+            )
+        return f"{where}: {numbers}" + (f" -- {self.message}" if self.message else "")
+
+
+def environment() -> dict[str, Any]:
+    """Where the report was made: python, platform, and the versions of the engines present."""
+    versions = {}
+    for dist in ("qcrun", "numpy", "onnxruntime", "onnxruntime-gpu", "openvino", "onnx"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {
+        "python": platform.python_version(),
+        "implementation": sys.implementation.name,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "versions": versions,
+    }
+
+
+@dataclass
+class ParityReport:
+    """Every record of a parity run, and what it ran on. JSON is the source of truth."""
+
+    records: list[Record]
+    model: str = ""
+    golden: str = ""
+    precision: str = "fp32"
+    targets: list[str] = field(default_factory=list)
+    required: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def failures(self) -> list[Record]:
+        return [r for r in self.records if r.verdict == "fail"]
+
+    def skips(self) -> list[Record]:
+        return [r for r in self.records if r.verdict == "skip"]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures()
+
+    def counts(self) -> dict[str, int]:
+        return {v: sum(r.verdict == v for r in self.records) for v in VERDICTS}
+
+    def cases(self) -> list[str]:
+        return list(dict.fromkeys(r.case for r in self.records))
+
+    # -- JSON ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "model": self.model,
+            "golden": self.golden,
+            "precision": self.precision,
+            "targets": list(self.targets),
+            "required": list(self.required),
+            "passed": self.passed,
+            "counts": self.counts(),
+            "environment": self.environment,
+            "records": [r.to_dict() for r in self.records],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ParityReport:
+        return cls(
+            records=[Record.from_dict(r) for r in data["records"]],
+            model=data.get("model", ""),
+            golden=data.get("golden", ""),
+            precision=data.get("precision", "fp32"),
+            targets=list(data.get("targets", [])),
+            required=list(data.get("required", [])),
+            environment=dict(data.get("environment", {})),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ParityReport:
+        return cls.from_dict(json.loads(text))
+
+    # -- JUnit --------------------------------------------------------------------------------
+
+    def to_junit_xml(self) -> str:
+        """JUnit XML: a testsuite per target, a testcase per case/output."""
+        counts = self.counts()
+        root = ET.Element(
+            "testsuites",
+            name="qcrun parity",
+            tests=str(len(self.records)),
+            failures=str(counts["fail"]),
+            skipped=str(counts["skip"]),
+            errors="0",
+        )
+        for target in self._target_order():
+            records = [r for r in self.records if r.target == target]
+            suite = ET.SubElement(
+                root,
+                "testsuite",
+                name=target,
+                tests=str(len(records)),
+                failures=str(sum(r.verdict == "fail" for r in records)),
+                skipped=str(sum(r.verdict == "skip" for r in records)),
+                errors="0",
+            )
+            for r in records:
+                case = ET.SubElement(
+                    suite,
+                    "testcase",
+                    classname=f"{target}.{r.case}",
+                    name=f"{r.case}/{r.output}" if r.output else r.case,
+                )
+                if r.verdict == "fail":
+                    failure = ET.SubElement(case, "failure", message=r.message, type=r.code)
+                    failure.text = r.describe()
+                elif r.verdict == "skip":
+                    ET.SubElement(case, "skipped", message=r.message)
+        return ET.tostring(root, encoding="unicode", xml_declaration=True)
+
+    def _target_order(self) -> list[str]:
+        return list(dict.fromkeys([*self.targets, *(r.target for r in self.records)]))
+
+    # -- text ---------------------------------------------------------------------------------
+
+    def format_matrix(self) -> str:
+        """Rows = cases, columns = targets, cells = verdict and worst max_abs; then every
+        failure with its numbers and every skip reason."""
+        targets, cases = self._target_order(), self.cases()
+        header = ["case", *targets]
+        rows = [[case, *(self._cell(t, case) for t in targets)] for case in cases]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in [header, *rows]
+        ]
+
+        failures = self.failures()
+        if failures:
+            lines += ["", f"failures ({len(failures)}):"]
+            lines += [f"  {r.describe()}" for r in failures]
+        skipped = {r.target: r.message for r in self.skips()}
+        if skipped:
+            lines += ["", "skipped:"]
+            lines += [f"  {t}: {reason}" for t, reason in skipped.items()]
+        c = self.counts()
+        lines += ["", f"{c['pass']} passed, {c['fail']} failed, {c['skip']} skipped"]
+        return "\n".join(lines)
+
+    def _cell(self, target: str, case: str) -> str:
+        records = [r for r in self.records if r.target == target and r.case == case]
+        if not records:
+            return "-"
+        failed = [r for r in records if r.verdict == "fail"]
+        if failed:
+            codes = {r.code for r in failed}
+            if "nonfinite" in codes:
+                return "fail nan"
+            if codes <= {"tolerance"}:
+                return f"fail {_worst_abs(failed)}"
+            return f"fail {sorted(codes)[0]}"
+        if all(r.verdict == "skip" for r in records):
+            return "skip"
+        return f"pass {_worst_abs([r for r in records if r.verdict == 'pass'])}"
+
+
+def _worst_abs(records: Sequence[Record]) -> str:
+    values = [r.metrics.max_abs for r in records if r.metrics and r.metrics.max_abs is not None]
+    return f"{max(values):.0e}" if values else ""
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def run_parity(
+    model_path: str | Path,
+    golden: GoldenSet,
+    targets: Iterable[str | Target],
+    policy: TolerancePolicy | None = None,
+    precision: str = "fp32",
+    *,
+    require: Iterable[str] = (),
+    attention_form: str | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> ParityReport:
+    """Run every golden case on every target and compare every output.
+
+    A target that cannot run here (engine or device missing, precision or attention form it
+    does not accept) gets one skip record per case with the reason -- or a fail record if it is
+    in ``require``. A target whose engine refuses the model gets fail records with the engine's
+    message, and the other targets still run. A feed that does not match the model's inputs is
+    a UserError: the golden set belongs to another model. ``options`` maps a target name to
+    adapter options (see the adapters).
+    """
+    policy = policy or TolerancePolicy()
+    if precision not in PRECISIONS:
+        raise unknown_choice("precision", precision, PRECISIONS, flag="--precision")
+    resolved = [get_target(t) for t in targets]
+    if not resolved:
+        raise UserError("no targets given", stage="parity", hint="pass at least one --target")
+    names = [t.name for t in resolved]
+    required = list(dict.fromkeys(require))
+    for name in required:
+        if name not in names:
+            raise UserError(
+                f"required target {name!r} is not among the targets ({', '.join(names)})",
+                stage="parity",
+            )
+    options = options or {}
+    records: list[Record] = []
+    for target in resolved:
+        records += _run_target(
+            Path(model_path),
+            golden,
+            target,
+            policy,
+            precision,
+            required=target.name in required,
+            attention_form=attention_form,
+            options=dict(options.get(target.name, {})),
+        )
+    return ParityReport(
+        records=records,
+        model=str(model_path),
+        golden=f"{golden.path} ({golden.mechanism}/{golden.preset})",
+        precision=precision,
+        targets=names,
+        required=required,
+        environment=environment(),
+    )
+
+
+def _not_run(target: Target, golden: GoldenSet, reason: str, code: str, required: bool):
+    if required:
+        verdict, reason = "fail", f"{target.name} is required but was not run: {reason}"
+    else:
+        verdict = "skip"
+    return [Record(target.name, c.name, None, verdict, code, reason) for c in golden.cases]
+
+
+def _run_target(
+    model_path, golden, target, policy, precision, *, required, attention_form, options
+) -> list[Record]:
+    if precision not in target.precisions:
+        runs = ", ".join(target.precisions)
+        reason = f"{target.name} does not run {precision} models (it runs {runs})"
+        return _not_run(target, golden, reason, "precision", required)
+    if attention_form is not None and not target.accepts_attention(attention_form):
+        reason = (
+            f"the model uses attention form {attention_form!r}, which {target.name} cannot run "
+            f"(it accepts {', '.join(target.attention_forms)}); re-export it with "
+            f"--target {target.name}"
+        )
+        return _not_run(target, golden, reason, "attention-form", required)
+    ok, reason = availability(target)
+    if not ok:
+        return _not_run(target, golden, reason, "unavailable", required)
+
+    if target.needs_profile_shapes and "profile_shapes" not in options:
+        options.setdefault("profile_feeds", [case.inputs for case in golden.cases])
+    adapter = adapter_for(model_path, target, **options)
+    try:
+        adapter.load()
+    except TargetUnavailable as e:
+        return _not_run(target, golden, str(e), "unavailable", required)
+    except LoadFailed as e:
+        return [Record(target.name, c.name, None, "fail", "load", str(e)) for c in golden.cases]
+
+    records = []
+    try:
+        for case in golden.cases:
+            records += _run_case(adapter, case, target, policy, precision)
+    finally:
+        adapter.close()
+    return records
+
+
+def _run_case(adapter, case, target, policy, precision) -> list[Record]:
+    try:
+        actual = adapter.run(case.inputs)
+    except RunFailed as e:
+        return [
+            Record(target.name, case.name, name, "fail", "run", str(e)) for name in case.outputs
+        ]
+    records = []
+    for name, expected in case.outputs.items():
+        tolerance = policy.resolve(precision, target, name)
+        if name not in actual:
+            message = f"the model has no output {name!r} (its outputs: {', '.join(actual)})"
+            verdict, code, metrics = "fail", "missing-output", None
+        else:
+            result = compare(actual[name], expected, tolerance)
+            verdict = "pass" if result.passed else "fail"
+            message, code, metrics = result.reason, result.code, result.metrics
+        records.append(
+            Record(target.name, case.name, name, verdict, code, message, metrics, tolerance)
+        )
+    return records
