@@ -195,5 +195,84 @@ def load_factory(spec: str):
     return made
 
 
+
+# --- golden ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--all", "all_", is_flag=True, help="Every registered mechanism.")
+@click.option("--preset", default="tiny", show_default=True)
+@click.option("--update", is_flag=True, help="Allow changing stored golden outputs.")
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="Golden root directory (default: the repository's golden/).")
+def golden(name, all_, preset, update, root):
+    """Write or refresh the golden set of NAME from PyTorch eager."""
+    from qcexport import mechanisms
+    from qcexport.golden import write_golden
+
+    if bool(name) == bool(all_):
+        raise UserError("give NAME or --all", hint=f"mechanisms: {', '.join(mechanisms.names())}")
+    for mech in mechanisms.names() if all_ else [name]:
+        result = write_golden(mech, preset, root=root, update=update)
+        state = "written" if result.written else "unchanged"
+        click.echo(f"{mech} ({preset}): {len(result.cases)} cases {state} in {result.path}")
+        for change in result.changes:
+            click.echo(f"  {change.describe()}")
+
+
+# --- parity ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("model")
+@click.option("--targets", default="ort-cpu,openvino-cpu,onnx-reference", show_default=True,
+              help="Comma-separated targets.")
+@click.option("--preset", default="tiny", show_default=True, help="With a mechanism NAME.")
+@click.option("--golden", "golden_path", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Golden set directory (default: the built-in one).")
+@click.option("--require", multiple=True, help="A target whose skip counts as a failure.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("out/parity"), show_default=True,
+              help="Where models exported for a mechanism NAME go.")
+def parity(model, targets, preset, golden_path, require, json_path, junit_path, work_dir):
+    """Replay golden cases on every target; exit 1 on any mismatch.
+
+    MODEL is an exported model directory or a mechanism name (exported here with the golden
+    set's weights, in the attention form each target prefers).
+    """
+    from qcexport.export.save import write_bytes_atomic
+    from qcexport.parity import parity_for_mechanism, parity_for_model_dir
+
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    from qcrun.targets import get_target
+
+    for t in [*names, *require]:
+        get_target(t)  # unknown target: clean error listing the valid ones, before any work
+    if Path(model).is_dir():
+        run = parity_for_model_dir(Path(model), names, golden=golden_path, require=require)
+    else:
+        run = parity_for_mechanism(model, preset, names, work_dir=work_dir,
+                                   golden=golden_path, require=require)
+    for form, path in run.models.items():
+        click.echo(f"model ({form}): {path}")
+    click.echo(f"golden: {run.report.golden}\n")
+    click.echo(run.report.format_matrix())
+    if run.drift:
+        click.echo("\nPyTorch eager no longer reproduces the golden outputs:")
+        for line in run.drift:
+            click.echo(f"  {line}")
+    if json_path:
+        write_bytes_atomic(json_path, run.report.to_json().encode())
+    if junit_path:
+        write_bytes_atomic(junit_path, run.report.to_junit_xml().encode())
+    if not run.passed:
+        failed = sorted({f"{r.target}/{r.output}" for r in run.report.failures()})
+        raise UserError(f"parity failed: {', '.join(failed) or 'eager drift'}",
+                        stage="parity", hint="see the failures listed above")
+
+
 if __name__ == "__main__":
     main()

@@ -47,6 +47,9 @@ class MechanismSpec:
     # Shapes used by export (the traced shape) and by verification (a different one).
     export_case: Case = field(default_factory=lambda: Case("export", {"batch": 2}))
     verify_case: Case = field(default_factory=lambda: Case("verify", {"batch": 1}))
+    # golden_check(module, [(case, inputs, outputs)]) -> problems: what the golden cases must
+    # cover beyond running (e.g. every routing branch), checked when a golden set is written.
+    golden_check: Callable[[nn.Module, list], list[str]] | None = None
 
     def config(self, preset: str = "tiny", **overrides) -> Any:
         if preset not in self.presets:

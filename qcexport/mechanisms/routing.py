@@ -152,6 +152,19 @@ def make_inputs(c: RoutingConfig, *, seed=0, batch=1, tokens=49, pad=False, task
     }
 
 
+def branch_coverage(module: TaskRouter, cases) -> list[str]:
+    """Every branch of every layer must be chosen by some golden case (hard routing)."""
+    chosen = [set() for _ in range(module.config.layers)]
+    for _case, _inputs, outputs in cases:
+        weights = outputs["routing_weights"]  # [B, layers, branches]
+        for layer, picks in enumerate(weights.argmax(-1).T):
+            chosen[layer].update(int(p) for p in picks)
+    return [
+        f"layer {layer}: branch {BRANCHES[b]} is never chosen"
+        for layer, seen in enumerate(chosen) for b in range(len(BRANCHES)) if b not in seen
+    ]
+
+
 register(
     MechanismSpec(
         name="routing",
@@ -183,5 +196,6 @@ register(
         ),
         export_case=Case("export", {"batch": 2, "tokens": 37, "task": 0}),
         verify_case=Case("verify", {"batch": 1, "tokens": 101, "task": 1, "pad": True}),
+        golden_check=branch_coverage,
     )
 )
