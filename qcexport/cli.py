@@ -70,10 +70,18 @@ def _count(n: int) -> str:
 @click.option("--attention", default="auto", show_default=True,
               help="Attention form: auto (from the target), onnx, ort or decomposed.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: 23, or 17 decomposed).")
+@click.option("--precision", default="fp32", show_default=True,
+              help="fp32, fp16, int8-dynamic or int8-static (the fp32 model is kept in DIR/fp32).")
 @click.option("-o", "--output", "output", type=click.Path(), default=None,
               help="Output directory (with --all: one subdirectory per mechanism).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON only.")
-def convert(name, all_, factory, preset, target, attention, opset, output, as_json):
+@click.option("--with-attention-maps", "with_maps", is_flag=True,
+              help="Also output every layer's cross-attention maps (and gate diagnostics), for "
+              "`qcexport inspect` and `qcrun inspect`; the regular outputs are unchanged.")
+@click.option("--map-heads", type=click.Choice(["mean", "each"]), default="mean",
+              show_default=True, help="With --with-attention-maps: averaged over heads or per head.")
+def convert(name, all_, factory, preset, target, attention, opset, precision, output, as_json,
+            with_maps, map_heads):
     """Export NAME (or --all, or --module) to ONNX, lowered, simplified, checked and verified."""
     from qcexport import mechanisms
     from qcexport.export import convert as convert_module
@@ -83,22 +91,34 @@ def convert(name, all_, factory, preset, target, attention, opset, output, as_js
     if chosen != 1:
         raise UserError("give exactly one of NAME, --all or --module",
                         hint=f"e.g. `qcexport convert qformer`; mechanisms: {', '.join(mechanisms.names())}")
-    if attention not in ATTENTION_CHOICES:
-        from qcrun.errors import unknown_choice
+    from qcrun.errors import unknown_choice
 
+    from qcexport.optimize import PRECISIONS, check_target_precision
+
+    if attention not in ATTENTION_CHOICES:
         raise unknown_choice("attention form", attention, ATTENTION_CHOICES, flag="--attention")
+    if precision not in PRECISIONS:
+        raise unknown_choice("precision", precision, PRECISIONS, flag="--precision")
+    check_target_precision(target, precision)
+    reduced = precision != "fp32"
 
     progress = None if as_json else _progress
     results: list[dict[str, Any]] = []
     failures: list[str] = []
+    if factory and with_maps:
+        raise UserError("--with-attention-maps works with the built-in mechanisms, not --module",
+                        hint="drop --with-attention-maps, or return maps as outputs of your module")
     if factory:
         module, example, axes = load_factory(factory)
         out = Path(output or "out/custom")
         _header(f"{factory} -> {out}", as_json)
         result = convert_module(module, example, axes, target=target, attention=attention,
-                                opset=opset, output_dir=out, on_stage=progress,
+                                opset=opset, output_dir=out / "fp32" if reduced else out,
+                                on_stage=progress,
                                 metadata={"mechanism": "custom", "factory": factory})
         results.append(_summary(result, as_json))
+        if reduced:
+            results[-1]["precision"] = _reduce(result.path.parent, precision, out, as_json)
     else:
         names = mechanisms.names() if all_ else [name]
         mechanisms.get(names[0])  # unknown name: clean error before any work
@@ -108,14 +128,20 @@ def convert(name, all_, factory, preset, target, attention, opset, output, as_js
             _header(f"{mech} ({preset}) -> {out}", as_json)
             try:
                 result = convert_mechanism(mech, preset, target=target, attention=attention,
-                                           opset=opset, output_dir=out, on_stage=progress)
+                                           opset=opset, on_stage=progress, precision=precision,
+                                           with_attention_maps=with_maps,
+                                           attention_map_heads=map_heads,
+                                           output_dir=out / "fp32" if reduced else out)
+                summary = _summary(result, as_json)
+                if reduced:
+                    summary["precision"] = _reduce(result.path.parent, precision, out, as_json)
             except UserError as exc:
                 if not all_:
                     raise
                 failures.append(f"{mech}: {exc}")
                 click.echo(f"error: {mech}: {exc}", err=True)
                 continue
-            results.append(_summary(result, as_json))
+            results.append(summary)
     if as_json:
         click.echo(json.dumps(results if all_ else results[0] if results else {}, indent=2))
     if failures:
@@ -125,6 +151,36 @@ def convert(name, all_, factory, preset, target, attention, opset, output, as_js
         sys.exit(1)
     if all_ and not as_json:
         click.echo(f"\nall {len(results)} mechanisms converted and verified")
+
+
+def _reduce(fp32_dir: Path, precision: str, out: Path, as_json: bool, **options) -> dict[str, Any]:
+    """The optimize stage after a convert, or on its own (`quantize`): prints the loss."""
+    from qcexport.optimize import quantize_model_dir
+
+    result = quantize_model_dir(fp32_dir, precision, out, **options)
+    q = result.manifest["quantization"]
+    data = {"path": str(result.path), "precision": precision, "quantization": q,
+            "calibration": result.manifest.get("calibration"),
+            "accuracy_loss": result.manifest["accuracy_loss"]}
+    if as_json:
+        return data
+    click.echo(f"  {precision:<9} {result.seconds:7.2f} s  {result.path}")
+    details = ", ".join(f"{k}={v}" for k, v in q.items() if k in
+                        ("weight_type", "activation_type", "reduce_range", "method", "reason"))
+    click.echo(f"  settings  {details}")
+    if q.get("counts"):
+        c = q["counts"]
+        click.echo(f"  matmuls   quantized {c['quantized']['top']} (+{c['quantized']['branches']} in "
+                   f"branches), float {c['float']['top']} (+{c['float']['branches']} in branches)")
+    if result.manifest.get("calibration"):
+        cal = result.manifest["calibration"]
+        click.echo(f"  calib     {cal['count']} samples from {cal['source']} "
+                   f"(sha256 {cal['sha256'][:12]})")
+    worst = max(result.loss, key=lambda r: r.max_abs)
+    click.echo(f"  vs fp32   {len(result.loss)} outputs within policy; worst {worst.case}/"
+               f"{worst.output}: max abs {worst.max_abs:.3g}, min cosine "
+               f"{min(r.cosine for r in result.loss):.6f}")
+    return data
 
 
 def _header(text: str, as_json: bool) -> None:
@@ -196,6 +252,38 @@ def load_factory(spec: str):
 
 
 
+# --- quantize -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--precision", required=True, help="fp16, int8-dynamic or int8-static.")
+@click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="int8-static: .npz with one array per input, samples on axis 0.")
+@click.option("--calibration-cases", default=16, show_default=True,
+              help="int8-static without a file: seeded cases from the mechanism's input factory.")
+@click.option("--method", default="minmax", show_default=True,
+              help="int8-static calibration: minmax, percentile or entropy.")
+@click.option("--exclude-nodes", default="", help="Comma-separated node names kept in float.")
+@click.option("--exclude-modules", default="",
+              help="Comma-separated PyTorch module names (e.g. layers.0.ff) kept in float.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output directory (default: MODEL_DIR-PRECISION).")
+@click.option("--json", "as_json", is_flag=True)
+def quantize(model_dir, precision, calibration_file, calibration_cases, method, exclude_nodes,
+             exclude_modules, output, as_json):
+    """Make a reduced-precision copy of an exported fp32 model, measured against it."""
+    if calibration_cases < 1:
+        raise UserError(f"--calibration-cases must be at least 1, not {calibration_cases}")
+    out = output or model_dir.parent / f"{model_dir.name}-{precision}"
+    data = _reduce(model_dir, precision, out, as_json, calibration_file=calibration_file,
+                   calibration_cases=calibration_cases, method=method,
+                   exclude_nodes=[n for n in exclude_nodes.split(",") if n],
+                   exclude_modules=[m for m in exclude_modules.split(",") if m])
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+
+
 # --- golden ----------------------------------------------------------------------------------
 
 
@@ -260,18 +348,32 @@ def parity(model, targets, preset, golden_path, require, json_path, junit_path, 
         click.echo(f"model ({form}): {path}")
     click.echo(f"golden: {run.report.golden}\n")
     click.echo(run.report.format_matrix())
+    if run.kernel is not None:
+        click.echo(f"\nkernel error ({run.report.precision}): each runtime vs onnx-reference on "
+                   "the same model, so quantization error (above) and kernel error are apart")
+        click.echo(run.kernel.format_matrix())
     if run.drift:
         click.echo("\nPyTorch eager no longer reproduces the golden outputs:")
         for line in run.drift:
             click.echo(f"  {line}")
     if json_path:
         write_bytes_atomic(json_path, run.report.to_json().encode())
+        if run.kernel is not None:
+            kernel_path = json_path.with_name(json_path.stem + ".kernel.json")
+            write_bytes_atomic(kernel_path, run.kernel.to_json().encode())
     if junit_path:
         write_bytes_atomic(junit_path, run.report.to_junit_xml().encode())
     if not run.passed:
-        failed = sorted({f"{r.target}/{r.output}" for r in run.report.failures()})
+        kernel_failures = run.kernel.failures() if run.kernel else []
+        failed = sorted({f"{r.target}/{r.output}" for r in run.report.failures()}
+                        | {f"{r.target}/{r.output} (kernel)" for r in kernel_failures})
         raise UserError(f"parity failed: {', '.join(failed) or 'eager drift'}",
                         stage="parity", hint="see the failures listed above")
+
+
+from qcexport.commands.inspect import inspect as _inspect  # noqa: E402
+
+main.add_command(_inspect)
 
 
 if __name__ == "__main__":

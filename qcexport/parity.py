@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qcrun.errors import UserError
 from qcrun.golden import GoldenSet, load_golden
-from qcrun.parity import ParityReport, TolerancePolicy, environment, run_parity
+from qcrun.parity import ParityReport, TolerancePolicy, environment, kernel_parity, run_parity
 from qcrun.targets import availability, get_target
 
 from qcexport import mechanisms
@@ -29,10 +29,12 @@ class ParityRun:
     report: ParityReport
     drift: list[str]  # golden outputs PyTorch eager no longer reproduces (name mode)
     models: dict[str, str]  # attention form -> model path used
+    # reduced precision: each runtime vs onnx-reference on the same model (kernel error)
+    kernel: ParityReport | None = None
 
     @property
     def passed(self) -> bool:
-        return self.report.passed and not self.drift
+        return self.report.passed and not self.drift and (self.kernel is None or self.kernel.passed)
 
 
 def read_model_manifest(model_dir: Path) -> dict:
@@ -56,10 +58,15 @@ def parity_for_model_dir(
         golden = golden_dir(name, preset)
     gset = load_golden(golden, mechanism=name if name != "custom" else None, preset=preset)
     policy = TolerancePolicy.from_dict(manifest.get("tolerances") or {})
-    report = run_parity(model_dir / MODEL_FILE, gset, targets, policy,
-                        manifest.get("precision", "fp32"), require=require,
+    precision = manifest.get("precision", "fp32")
+    report = run_parity(model_dir / MODEL_FILE, gset, targets, policy, precision, require=require,
                         attention_form=manifest.get("attention"))
-    return ParityRun(report, [], {manifest.get("attention", "?"): str(model_dir / MODEL_FILE)})
+    kernel = None
+    if precision != "fp32":
+        kernel = kernel_parity(model_dir / MODEL_FILE, gset, targets, precision,
+                               attention_form=manifest.get("attention"))
+    return ParityRun(report, [], {manifest.get("attention", "?"): str(model_dir / MODEL_FILE)},
+                     kernel)
 
 
 def parity_for_mechanism(

@@ -307,7 +307,54 @@ def _simplify(model: onnx.ModelProto, warnings: list[str]) -> onnx.ModelProto:
     if not ok:
         warnings.append("onnxsim could not validate its result; kept the unsimplified graph")
         return model
+    restore_node_metadata(model, simplified)
     return simplified
+
+
+def restore_node_metadata(original: onnx.ModelProto, simplified: onnx.ModelProto) -> None:
+    """Give the simplified graph's nodes back the PyTorch module names onnxsim drops.
+
+    The exporter records, per node, the module that produced it (``metadata_props``); the
+    per-op profile and module exclusion in quantization need it. A node keeps the metadata of
+    the original node that produced the same output; a node onnxsim made up (a Gemm fused from
+    MatMul+Add, its Reshapes) takes it from its neighbours in the chain.
+    """
+    from qcexport.export.lowering import iter_graphs
+
+    by_output = {o: list(n.metadata_props) for g in iter_graphs(original.graph)
+                 for n in g.node for o in n.output if n.metadata_props}
+    pending = []
+    for graph in iter_graphs(simplified.graph):
+        for node in graph.node:
+            props = next((by_output[o] for o in node.output if o in by_output), None)
+            if props is not None:
+                del node.metadata_props[:]
+                node.metadata_props.extend(props)
+                for o in node.output:
+                    by_output.setdefault(o, props)
+            else:
+                pending.append(node)
+    for _ in range(4):  # fused chains are short: Reshape -> Gemm -> Reshape
+        consumers = {}
+        for graph in iter_graphs(simplified.graph):
+            for node in graph.node:
+                for i in node.input:
+                    consumers.setdefault(i, node)
+        still = []
+        for node in pending:
+            donor = next((n for o in node.output if (n := consumers.get(o)) and n.metadata_props),
+                         None)
+            donor_props = list(donor.metadata_props) if donor else next(
+                (by_output[i] for i in node.input if i in by_output), None)
+            if donor_props:
+                node.metadata_props.extend(donor_props)
+                for o in node.output:
+                    by_output.setdefault(o, donor_props)
+            else:
+                still.append(node)
+        pending = still
+        if not pending:
+            break
 
 
 def _check(model: onnx.ModelProto, input_axes: AxisMap, meta: Mapping[str, str]) -> onnx.ModelProto:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Mapping
 
@@ -20,6 +21,8 @@ from qcrun.errors import UserError
 from torch import nn
 
 AxisMap = Mapping[str, Mapping[int, str]]
+# The exporter colours its messages for terminals; a UserError message is plain text.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _dynamic_shapes(input_names, example_inputs, dynamic_axes: AxisMap):
@@ -108,7 +111,7 @@ def export_module(
 
 
 def _capture_error(exc: Exception, log: str) -> UserError:
-    text = f"{type(exc).__name__}: {exc}"
+    text = _ANSI.sub("", f"{type(exc).__name__}: {exc}")
     first = text.strip().splitlines()[0][:400]
     if "Constraints violated" in text or "specialized" in text or "marked as dynamic" in text:
         axis = next((line.strip() for line in text.splitlines() if "Dim(" in line or "L['" in line), "")
@@ -121,9 +124,16 @@ def _capture_error(exc: Exception, log: str) -> UserError:
             "dynamic_axes",
         )
     if "data-dependent" in text.lower() or "GuardOnDataDependentSymNode" in text:
+        # The exporter's first line is boilerplate; the guard and the user's line say more.
+        lines = [line.strip() for line in text.splitlines()]
+        detail = next((re.sub(r"^<class '[^']*'>:\s*", "", line) for line in lines
+                       if "data-dependent expression" in line), first)
+        if "The following call raised this error:" in lines:
+            at = lines.index("The following call raised this error:")
+            detail += " at " + " ".join(line for line in lines[at + 1:at + 3] if line)
         return UserError(
             f"the module has data-dependent Python control flow that torch.export cannot "
-            f"capture ({first})",
+            f"capture ({detail[:600]})",
             stage="export",
             hint="replace `if tensor...:` with torch.where / torch.cond, or compute both "
             "branches and select",

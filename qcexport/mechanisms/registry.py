@@ -50,6 +50,10 @@ class MechanismSpec:
     # golden_check(module, [(case, inputs, outputs)]) -> problems: what the golden cases must
     # cover beyond running (e.g. every routing branch), checked when a golden set is written.
     golden_check: Callable[[nn.Module, list], list[str]] | None = None
+    # PyTorch modules kept in float when quantizing (e.g. a router whose argmax must not flip).
+    quantize_exclude: tuple[str, ...] = ()
+    # Config overrides per precision, where a precision needs another export of the same math.
+    precision_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def config(self, preset: str = "tiny", **overrides) -> Any:
         if preset not in self.presets:

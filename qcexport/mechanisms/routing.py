@@ -197,5 +197,11 @@ register(
         export_case=Case("export", {"batch": 2, "tokens": 37, "task": 0}),
         verify_case=Case("verify", {"batch": 1, "tokens": 101, "task": 1, "pad": True}),
         golden_check=branch_coverage,
+        # int8 logits can flip a near-tie argmax and send a request down another branch.
+        quantize_exclude=("controller",),
+        # int8-static: hard routing as a masked select, not If. ORT's static quantizer does not
+        # enter If branches (their MatMuls would stay fp32), and OpenVINO 2026.4 returns NaN on
+        # the first inference of the QDQ model with If for some branch choices. Same outputs.
+        precision_overrides={"int8-static": {"routing": "select"}},
     )
 )

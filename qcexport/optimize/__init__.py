@@ -1,0 +1,182 @@
+"""The optimize stage: an fp32 model directory -> a reduced-precision model directory.
+
+    quantize_model_dir(fp32_dir, "int8-static", out_dir, calibration_cases=16)
+
+The fp32 model is never modified. The new directory holds ``model.onnx`` and a manifest that
+records the precision, the quantizer settings, where the calibration data came from (source,
+count, hash) and the accuracy loss of every output against the fp32 model. A model whose loss
+exceeds the precision's policy is not written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qcrun.errors import UserError
+from qcrun.golden import file_sha256
+from qcrun.targets import get_target
+
+from qcexport.export.pipeline import MANIFEST_FILE, MODEL_FILE
+from qcexport.export.save import prepare_output_dir, write_json_atomic
+from qcexport.optimize.precision import (
+    CALIBRATION_METHODS,
+    PRECISIONS,
+    Calibration,
+    LossRecord,
+    accuracy_loss,
+    calibration_from_npz,
+    feeds_sha256,
+    quantize_file,
+)
+
+__all__ = ["CALIBRATION_METHODS", "PRECISIONS", "QuantizeResult", "quantize_model_dir"]
+
+CALIBRATION_SEED = 20_000  # distinct from golden (1000+), export (0) and verify (1, 2) seeds
+EVALUATION_SEED = 30_000
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    path: Path
+    manifest: dict[str, Any]
+    loss: list[LossRecord]
+    seconds: float
+
+
+def _spec_feeds(manifest: dict, count: int, seed: int) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """Inputs from the mechanism's example-input factory, cycling through its golden cases'
+    shapes and flags (padding, branches, m...) with seeds of their own."""
+    from qcexport import mechanisms
+
+    spec = mechanisms.get(manifest["mechanism"])
+    config = spec.config_cls(**manifest["config"])
+    feeds = []
+    for i in range(count):
+        case = spec.golden_cases[i % len(spec.golden_cases)]
+        inputs = spec.inputs(config, case, seed=seed + i)
+        feeds.append((f"{case.name}#{i}", {k: v.numpy() for k, v in inputs.items()}))
+    return feeds
+
+
+def check_target_precision(target: str, precision: str) -> None:
+    profile = get_target(target)
+    if precision not in profile.precisions:
+        why = {
+            "int8-dynamic": "it has no MatMulInteger/DynamicQuantizeLinear kernels (dynamic "
+                            "quantization is a CPU technique)",
+        }.get(precision, "its engine has no kernels for it")
+        raise UserError(
+            f"target {target} does not run {precision} models: {why}",
+            stage="quantize",
+            hint=f"use one of {', '.join(profile.precisions)} for {target}",
+        )
+
+
+def quantize_model_dir(
+    model_dir: str | Path,
+    precision: str,
+    output_dir: str | Path,
+    *,
+    calibration_file: str | Path | None = None,
+    calibration_cases: int = 16,
+    method: str = "minmax",
+    exclude_nodes: Sequence[str] = (),
+    exclude_modules: Sequence[str] = (),
+    target: str | None = None,
+    evaluation_cases: int = 6,
+) -> QuantizeResult:
+    start = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(output_dir)
+    src = model_dir / MODEL_FILE
+    manifest_path = model_dir / MANIFEST_FILE
+    if not src.is_file() or not manifest_path.is_file():
+        raise UserError(f"{model_dir} is not an exported model directory", stage="quantize",
+                        hint="pass the output directory of `qcexport convert`")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("precision", "fp32") != "fp32":
+        raise UserError(f"{model_dir} is already {manifest['precision']}", stage="quantize",
+                        hint="quantize the fp32 model directory instead")
+    if out_dir.resolve() == model_dir.resolve():
+        raise UserError("the output directory is the fp32 model's directory", stage="quantize",
+                        hint="pass another -o; the fp32 model is kept as the reference")
+    target = target or manifest.get("target", "ort-cpu")
+    check_target_precision(target, precision)
+    builtin = manifest.get("mechanism") not in (None, "custom")
+    if builtin:
+        from qcexport import mechanisms
+
+        exclude_modules = [*mechanisms.get(manifest["mechanism"]).quantize_exclude, *exclude_modules]
+
+    calibration = None
+    if precision == "int8-static":
+        if calibration_file:
+            calibration = calibration_from_npz(calibration_file, manifest["inputs"])
+        elif builtin:
+            feeds = [f for _, f in _spec_feeds(manifest, calibration_cases, CALIBRATION_SEED)]
+            calibration = Calibration("factory", feeds, feeds_sha256(feeds))
+        else:
+            raise UserError("a custom module needs a calibration file for int8-static",
+                            stage="calibrate", hint="pass --calibration FILE.npz")
+    if builtin:
+        evaluation = _spec_feeds(manifest, evaluation_cases, EVALUATION_SEED)
+    elif calibration is not None:
+        evaluation = [(f"calibration#{i}", f) for i, f in enumerate(calibration.feeds[:evaluation_cases])]
+    else:
+        evaluation = [("example", _random_feed(manifest["inputs"]))]
+
+    prepare_output_dir(out_dir)
+    with tempfile.TemporaryDirectory(prefix="qcexport-quantize-") as tmp:
+        staged = Path(tmp) / MODEL_FILE
+        settings = quantize_file(src, staged, precision, calibration=calibration, method=method,
+                                 exclude_nodes=exclude_nodes, exclude_modules=exclude_modules)
+        loss = accuracy_loss(src, staged, precision, evaluation)
+        failed = [r for r in loss if not r.passed]
+        if failed:
+            worst = sorted(failed, key=lambda r: r.cosine)[:5]
+            lines = "; ".join(f"{r.case}/{r.output}: max abs {r.max_abs:.3g}, cosine "
+                              f"{r.cosine:.5f} ({r.tolerance})" for r in worst)
+            raise UserError(
+                f"{precision} loses more accuracy than the policy allows on {len(failed)} "
+                f"outputs; worst: {lines}",
+                stage="quantize",
+                hint="keep sensitive parts in float with --exclude-modules NAME (the PyTorch "
+                "module, e.g. a controller or the last projection) or --exclude-nodes NODE; "
+                "or try another --method / more --calibration-cases",
+            )
+        out_manifest = {
+            **manifest,
+            "precision": precision,
+            "quantization": settings.to_dict(),
+            "calibration": calibration.describe() if calibration else None,
+            "accuracy_loss": [dataclasses.asdict(r) for r in loss],
+            "source_model": {"path": str(src), "sha256": file_sha256(src)},
+        }
+        out_manifest.pop("files", None)
+        shutil.copyfile(staged, out_dir / f".{MODEL_FILE}.tmp")
+        (out_dir / f".{MODEL_FILE}.tmp").replace(out_dir / MODEL_FILE)
+    out_manifest["model_sha256"] = file_sha256(out_dir / MODEL_FILE)
+    write_json_atomic(out_dir / MANIFEST_FILE, out_manifest)
+    return QuantizeResult(out_dir / MODEL_FILE, out_manifest, loss, time.perf_counter() - start)
+
+
+def _random_feed(inputs: list[dict]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(EVALUATION_SEED)
+    feed = {}
+    for spec in inputs:
+        shape = [d if isinstance(d, int) else 2 for d in spec["shape"]]
+        dtype = np.dtype(spec["dtype"])
+        if dtype == np.bool_:
+            feed[spec["name"]] = np.ones(shape, dtype=bool)
+        elif np.issubdtype(dtype, np.integer):
+            feed[spec["name"]] = rng.integers(0, 2, size=shape).astype(dtype)
+        else:
+            feed[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+    return feed
