@@ -12,6 +12,7 @@ never replaces a good model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,7 +37,7 @@ from qcexport.export.lowering import (
     fused_attention_count,
     to_ort_attention,
 )
-from qcexport.export.save import prepare_output_dir, save_model_atomic, write_json_atomic
+from qcexport.export.save import prepare_output_dir, save_model_and_manifest, save_model_atomic
 from qcexport.export.torch_export import AxisMap, check_dynamic_axes, export_module
 from qcexport.mechanisms.attention import set_fused
 
@@ -139,7 +140,24 @@ def eager_outputs(module: nn.Module, inputs: Mapping[str, torch.Tensor]) -> list
     )
 
 
-def convert(
+def convert(module: nn.Module, example_inputs, dynamic_axes=None, **kwargs) -> ConvertResult:
+    """Export ``module(**example_inputs)`` to ``output_dir/model.onnx`` and verify it.
+
+    See :func:`_convert` for the arguments. A directory created for a conversion that fails is
+    removed again: a failed convert leaves nothing behind.
+    """
+    out = Path(kwargs.get("output_dir", "out/model"))
+    created = not out.exists()
+    try:
+        return _convert(module, example_inputs, dynamic_axes, **kwargs)
+    except BaseException:
+        if created and out.is_dir():
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty: never remove what someone else put there
+        raise
+
+
+def _convert(
     module: nn.Module,
     example_inputs: Mapping[str, torch.Tensor],
     dynamic_axes: AxisMap | None = None,
@@ -278,12 +296,12 @@ def convert(
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
     }
     start = time.perf_counter()
-    files = save_model_atomic(model, path)
-    from qcrun.golden import file_sha256
-
-    manifest["model_sha256"] = file_sha256(path)
-    manifest["files"] = [f.name for f in files]
-    write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+    try:
+        save_model_and_manifest(model, path, out_dir / MANIFEST_FILE, manifest)
+    except OSError as exc:
+        raise UserError(f"could not write {path}: {exc.strerror or exc}", stage="save",
+                        hint="free space or choose another -o; the previous model, if any, is "
+                        "untouched") from exc
     timings["save"] = time.perf_counter() - start
     if on_stage:
         on_stage("save", timings["save"], str(path))

@@ -66,6 +66,59 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def _stage(path: Path, data: bytes) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        _fsync_write(Path(tmp), data)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def save_model_and_manifest(
+    model: onnx.ModelProto, model_path: Path, manifest_path: Path, manifest: dict[str, Any]
+) -> list[Path]:
+    """Write a model and its manifest as a pair: both are staged completely before either is
+    renamed into place, so a failure while writing leaves the previous pair untouched.
+
+    ``manifest`` gains ``model_sha256`` and ``files``. Models with external data are written
+    file by file (their data file names carry a hash, so the old model stays readable).
+    """
+    if _initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+        files = _save_with_external_data(model, model_path)
+        manifest["model_sha256"] = _file_sha256(model_path)
+        manifest["files"] = [f.name for f in files]
+        write_json_atomic(manifest_path, manifest)
+        return files
+    data = model.SerializeToString()
+    manifest["model_sha256"] = hashlib.sha256(data).hexdigest()
+    manifest["files"] = [model_path.name]
+    staged: list[Path] = []
+    try:
+        staged.append(_stage(model_path, data))
+        text = (json.dumps(manifest, indent=2) + "\n").encode()
+        staged.append(_stage(manifest_path, text))
+        os.replace(staged[0], model_path)
+        os.replace(staged[1], manifest_path)
+    finally:
+        for tmp in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    _remove_stale_data(model_path, keep=None)
+    return [model_path]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 

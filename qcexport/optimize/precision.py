@@ -198,7 +198,7 @@ def calibration_from_npz(path: str | Path, inputs: Sequence[Mapping[str, Any]]) 
                         hint="one array per model input named as the input, samples on axis 0; "
                         f"inputs: {expected}")
     n = counts.pop() if counts else 1
-    feeds = [{k: (a[i] if a.ndim else a) for k, a in arrays.items()} for i in range(n)]
+    feeds = [{k: np.asarray(a[i] if a.ndim else a) for k, a in arrays.items()} for i in range(n)]
     return Calibration(str(path), feeds, feeds_sha256(feeds))
 
 
@@ -407,17 +407,22 @@ def quantize_file(
                         hint="quantize the fp32 model (the output of `qcexport convert` without "
                         "--precision)")
     exclude = resolve_exclusions(model, exclude_nodes, exclude_modules)
+    # ORT's quantizers first split a Gemm into MatMul + Add named "<gemm>_MatMul" and then
+    # match nodes_to_exclude against the new name: exclude both, or the Gemm gets quantized.
+    ops = {n.name: n.op_type for g in iter_graphs(model.graph) for n in g.node}
+    quantizer_names = [*exclude, *(f"{n}_MatMul" for n in exclude if ops.get(n) == "Gemm")]
     if precision == "int8-static" and (calibration is None or not calibration.feeds):
         raise UserError("int8-static needs calibration data", stage="calibrate",
                         hint="pass --calibration FILE.npz or --calibration-cases N")
     with _quiet_quantizer():
         if precision == "int8-dynamic":
-            settings = quantize_dynamic_int8(src, dst, exclude)
+            settings = quantize_dynamic_int8(src, dst, quantizer_names)
         elif precision == "int8-static":
-            settings = quantize_static_int8(src, dst, calibration, method, exclude)
+            settings = quantize_static_int8(src, dst, calibration, method, quantizer_names)
         else:
             half, settings = convert_fp16(model, exclude)
             onnx.save(half, dst)
+    settings.excluded_nodes = list(exclude)
     reduced = onnx.load(dst)
     guard_qattention(reduced)
     # The quantizers can leave an If before the producer of a value its branch reads (ORT
