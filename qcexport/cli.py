@@ -375,6 +375,14 @@ from qcexport.commands.inspect import inspect as _inspect  # noqa: E402
 
 main.add_command(_inspect)
 
+from qcexport.commands.profile import profile as _profile  # noqa: E402
+
+main.add_command(_profile)
+
+from qcexport.commands.bundle import bundle as _bundle  # noqa: E402
+
+main.add_command(_bundle)
+
 
 if __name__ == "__main__":
     main()

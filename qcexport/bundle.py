@@ -1,0 +1,618 @@
+"""The bundle stage: an exported model directory -> a bundle for one target.
+
+    make_bundle("out/qformer-tiny", "jetson-orin", output="qformer.bundle")
+
+A bundle carries to a device, with no torch there, everything needed to run the model and
+prove it is still right (the format is ``qcrun.bundle``'s, which reads it):
+
+1. the model in the attention form and opset the target accepts. A model whose form the
+   target cannot read (jetson-orin and ort-tensorrt need the decomposed opset-17 graph,
+   because TensorRT 10.3 parses no ``Attention``) is exported again from the golden set's
+   weights -- after checking that they are the model's weights (same weights hash) -- and
+   quantized again when a reduced precision is asked for;
+2. a golden subset: cases copied from the golden set, with a manifest listing only those;
+3. the tolerance policy, written out in full (target overrides included), so the device
+   judges with the host's numbers whatever qcrun version it has;
+4. input and output specs with their dynamic axes, and TensorRT min/opt/max ranges for every
+   dynamic axis (from the golden cases, widened with ``profile_shapes``);
+5. provenance: mechanism, config, weights hash, toolkit and exporter versions, and the parity
+   records of the bundled model on every host target that can run it -- a model that fails
+   on the host is not bundled;
+6. ``bundle.json`` with the sha256 of every file (and of itself).
+
+Nothing is written until everything passed; the bundle directory is renamed into place, an
+archive is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from qcrun import bundle as fmt
+from qcrun.errors import UserError, unknown_choice
+from qcrun.golden import MANIFEST as GOLDEN_MANIFEST
+from qcrun.golden import GoldenSet, file_sha256, load_golden
+from qcrun.parity import ParityReport, TolerancePolicy, environment, run_parity
+from qcrun.targets import (
+    Target,
+    axis_ranges_from_shapes,
+    get_target,
+    list_targets,
+    tensorrt_provider_options,
+)
+
+from qcexport.export.pipeline import MANIFEST_FILE, MODEL_FILE
+from qcexport.export.save import write_json_atomic
+
+StageCallback = Callable[[str, float, str], None]
+#: Not a host parity target by default: a slow pure-Python second opinion, not a runtime.
+NOT_HOST_BY_DEFAULT = ("onnx-reference",)
+_VERSIONED = ("qcexport", "qcrun", "torch", "onnx", "onnxscript", "onnxsim", "onnxruntime",
+              "onnxruntime-gpu", "openvino", "numpy")
+
+
+@dataclass
+class BundleResult:
+    path: Path  # the bundle directory, or the archive
+    manifest: dict[str, Any]  # bundle.json as written
+    rebuilt: str | None  # why the model was exported again or quantized; None: copied as is
+    host_parity: ParityReport
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["files"]
+
+    @property
+    def size_bytes(self) -> int:
+        if self.path.is_file():
+            return self.path.stat().st_size
+        return sum(f["bytes"] for f in self.files.values())
+
+
+# --- options ---------------------------------------------------------------------------------
+
+
+def parse_profile(items: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+    """``["tokens=1:257:1025", "batch=1:1:8"]`` -> {axis: (min, opt, max)}."""
+    ranges = {}
+    for item in items:
+        axis, _, text = item.partition("=")
+        try:
+            values = tuple(int(v) for v in text.split(":"))
+        except ValueError:
+            values = ()
+        if not axis or len(values) != 3:
+            raise UserError(f"--profile {item!r} is not AXIS=MIN:OPT:MAX", stage="bundle",
+                            hint="e.g. --profile tokens=1:257:1025")
+        ranges[axis.strip()] = values
+    return ranges
+
+
+def output_paths(output: str | Path, archive: bool) -> tuple[Path, str]:
+    """(final path, bundle name). With ``archive``, NAME.bundle becomes NAME.bundle.tar.gz."""
+    output = Path(output)
+    if archive and not output.name.endswith(fmt.ARCHIVE_SUFFIXES):
+        output = output.with_name(output.name + ".tar.gz")
+    if not archive and output.name.endswith(fmt.ARCHIVE_SUFFIXES):
+        raise UserError(f"-o {output} names an archive, but --archive was not given",
+                        stage="bundle", hint="add --archive, or name a directory (NAME.bundle)")
+    name = output.name
+    for suffix in fmt.ARCHIVE_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return output, name
+
+
+def _check_output(final: Path, archive: bool) -> None:
+    """Refuse, before any work, to replace anything that is not a bundle of ours."""
+    if archive:
+        if final.is_dir():
+            raise UserError(f"{final} is a directory", stage="bundle",
+                            hint="pass another -o for the archive")
+    elif final.exists():
+        if not final.is_dir():
+            raise UserError(f"{final} exists and is a file", stage="bundle",
+                            hint="pass another -o (a directory name, e.g. NAME.bundle)")
+        if any(final.iterdir()) and not (final / fmt.BUNDLE_MANIFEST).is_file():
+            raise UserError(f"{final} exists and is not a bundle; refusing to replace it",
+                            stage="bundle", hint="pass another -o, or remove it first")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=final.parent, prefix=".qcexport-probe-"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to {final.parent}: {e.strerror or e}", stage="bundle",
+                        hint="choose a writable -o") from e
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def make_bundle(
+    model_dir: str | Path,
+    target: str,
+    precision: str | None = None,
+    output: str | Path | None = None,
+    archive: bool = False,
+    *,
+    golden: str | Path | None = None,
+    cases: int | Sequence[str] | None = None,
+    profile_shapes: Mapping[str, Sequence[int]] | None = None,
+    host_targets: Sequence[str] | None = None,
+    on_stage: StageCallback | None = None,
+) -> BundleResult:
+    """Build a bundle of ``model_dir`` for ``target``; see the module docstring.
+
+    ``precision`` defaults to the model's. ``golden`` is the golden set to take cases from
+    (default: the built-in one of the model's mechanism and preset, written from PyTorch eager
+    into a temporary directory when there is none, e.g. for ``base``). ``cases``: every case
+    (None), the first N, or case names. ``profile_shapes`` widens the TensorRT ranges per
+    axis. ``host_targets``: where to run host parity (default: every target here that can run
+    the bundle, except onnx-reference).
+    """
+    model_dir = Path(model_dir)
+    timings: dict[str, float] = {}
+
+    def stage(name: str, fn, *args, detail=lambda result: ""):
+        start = time.perf_counter()
+        try:
+            result = fn(*args)
+        except UserError as exc:
+            exc.stage = exc.stage or name
+            raise
+        timings[name] = time.perf_counter() - start
+        if on_stage:
+            on_stage(name, timings[name], detail(result))
+        return result
+
+    manifest = _read_model_manifest(model_dir)
+    t = get_target(target)
+    precision = precision or manifest["precision"]
+    from qcexport.optimize import PRECISIONS, check_target_precision
+
+    if precision not in PRECISIONS:
+        raise unknown_choice("precision", precision, PRECISIONS, flag="--precision")
+    check_target_precision(t.name, precision)
+    final, name = output_paths(output or f"{model_dir.name}-{t.name}.bundle", archive)
+    _check_output(final, archive)
+
+    with tempfile.TemporaryDirectory(prefix="qcexport-bundle-") as tmp:
+        work = Path(tmp)
+        gset, golden_note = stage("golden", _golden_set, manifest, golden, work / "golden-src",
+                                  detail=lambda r: f"{len(r[0].cases)} cases from {r[1]}")
+        module = stage("weights", _golden_module, manifest, gset,
+                       detail=lambda m: "weights hash matches the model" if m is not None
+                       else "custom module: not rebuilt")
+        model_src, rebuilt = stage(
+            "model", _model_for_target, model_dir, manifest, module, t, precision, work,
+            detail=lambda r: r[1] or "copied as exported")
+        model_manifest = json.loads((model_src / MANIFEST_FILE).read_text())
+
+        staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+        try:
+            _copy_model(model_src, model_manifest, staging)
+            subset = stage("subset", _golden_subset, gset, cases, staging / fmt.GOLDEN_DIR,
+                           detail=lambda g: ", ".join(c.name for c in g.cases))
+            ranges = stage("profile", _profile_ranges, model_manifest, subset, t,
+                           profile_shapes or {},
+                           detail=lambda r: ", ".join(f"{a}={'/'.join(map(str, v))}"
+                                                      for a, v in r.items()))
+            policy = _materialised_policy(model_manifest)
+            report = stage("parity", _host_parity, staging / MODEL_FILE, subset, model_manifest,
+                           policy, precision, t, host_targets,
+                           detail=lambda r: f"{r.counts()['pass']} passed, "
+                           f"{r.counts()['skip']} skipped")
+            _write_model_manifest(staging, model_manifest, t, policy)
+            bundle_manifest = _bundle_manifest(
+                name, t, precision, model_manifest, manifest, model_dir, ranges, policy,
+                subset, gset, golden_note, rebuilt, report)
+            written = stage("write", _finish, staging, bundle_manifest, final, archive, name,
+                            detail=lambda _: str(final))
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return BundleResult(final, written, rebuilt, report, timings)
+
+
+def _read_model_manifest(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / MANIFEST_FILE
+    if not (model_dir / MODEL_FILE).is_file() or not path.is_file():
+        raise UserError(f"{model_dir} is not an exported model directory (it needs {MODEL_FILE} "
+                        f"and {MANIFEST_FILE})", stage="bundle",
+                        hint="pass the output directory of `qcexport convert`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"model manifest {path} is not valid JSON: {e}", stage="bundle") from None
+    missing = [k for k in ("mechanism", "precision", "attention", "opset", "inputs", "outputs")
+               if k not in manifest]
+    if missing:
+        raise UserError(f"model manifest {path} lacks {', '.join(missing)}", stage="bundle",
+                        hint="re-export the model with `qcexport convert`")
+    actual = file_sha256(model_dir / MODEL_FILE)
+    if manifest.get("model_sha256") and manifest["model_sha256"] != actual:
+        raise UserError(f"{model_dir / MODEL_FILE} has sha256 {actual} but its manifest records "
+                        f"{manifest['model_sha256']}: the model was changed after export",
+                        stage="bundle", hint="re-export it with `qcexport convert`")
+    return manifest
+
+
+def _builtin(manifest: Mapping[str, Any]) -> bool:
+    from qcexport import mechanisms
+
+    return manifest.get("mechanism") in mechanisms.names()
+
+
+def _golden_set(manifest, golden, scratch: Path) -> tuple[GoldenSet, str]:
+    """The golden set the subset comes from, and where it came from (in words)."""
+    from qcexport.golden import golden_dir, write_golden
+
+    name, preset = manifest["mechanism"], manifest.get("preset")
+    if golden is not None:
+        return (load_golden(golden, mechanism=name if _builtin(manifest) else None,
+                            preset=preset), f"{golden}")
+    if not _builtin(manifest):
+        raise UserError(f"the model is a custom module ({name!r}): there is no built-in golden "
+                        "set for it", hint="pass --golden DIR with golden data for this model")
+    directory = golden_dir(name, preset)
+    if (directory / GOLDEN_MANIFEST).is_file():
+        return load_golden(directory, mechanism=name, preset=preset), str(directory)
+    # No committed set (e.g. the base preset): write one from PyTorch eager, as `qcexport
+    # golden` would, into the scratch directory.
+    written = write_golden(name, preset, root=scratch)
+    return (load_golden(written.path, mechanism=name, preset=preset),
+            f"written from PyTorch eager for this bundle (no committed golden/{name}/{preset})")
+
+
+def _golden_module(manifest, gset: GoldenSet):
+    """The reference module with the model's config and the golden weights, checked to be the
+    model's own weights; None for a custom module (it cannot be rebuilt here)."""
+    if not _builtin(manifest):
+        return None
+    from qcexport import mechanisms
+    from qcexport.export.pipeline import weights_sha256
+    from qcexport.golden import load_weights
+
+    spec = mechanisms.get(manifest["mechanism"])
+    config = spec.config_cls(**manifest["config"]) if manifest.get("config") else spec.config(
+        manifest.get("preset", "tiny"))
+    import torch
+
+    torch.manual_seed(0)
+    module = load_weights(spec.builder(config).eval(), gset)
+    wanted = manifest.get("weights_sha256")
+    if wanted and weights_sha256(module) != wanted:
+        raise UserError(
+            f"the golden set {gset.path} holds other weights than the model (weights sha256 "
+            f"{weights_sha256(module)[:16]}..., the model's {wanted[:16]}...): its outputs are "
+            "not this model's",
+            hint="pass --golden DIR with a golden set written for this model's weights, or "
+            "bundle a model converted from the registry (`qcexport convert NAME`)",
+        )
+    return module
+
+
+def _model_for_target(model_dir: Path, manifest, module, target: Target, precision: str,
+                      work: Path) -> tuple[Path, str | None]:
+    """The directory of the model to bundle: the given one when the target reads it as it is,
+    else one exported (and quantized) again. Returns (dir, why re-exported or None, detail)."""
+    form_ok = (target.accepts_attention(manifest["attention"])
+               and int(manifest["opset"]) <= target.max_opset)
+    if form_ok and precision == manifest["precision"]:
+        return model_dir, None
+    reasons = []
+    if not form_ok:
+        reasons.append(f"exported again as {target.preferred_attention!r} attention: "
+                       f"{target.name} reads {'/'.join(target.attention_forms)} attention up to "
+                       f"opset {target.max_opset}, the model is {manifest['attention']!r} opset "
+                       f"{manifest['opset']}")
+    if precision != manifest["precision"]:
+        reasons.append(f"quantized to {precision} (the model is {manifest['precision']})")
+    reason = "; ".join(reasons)
+    if module is None:
+        raise UserError(
+            f"the model must be rebuilt for {target.name} ({reason}), and a custom module "
+            "cannot be rebuilt from its manifest",
+            hint=f"convert it for the target: `qcexport convert --module PKG.MOD:FACTORY "
+            f"--target {target.name}` (and `qcexport quantize` for {precision}), then bundle that",
+        )
+    if form_ok and manifest["precision"] == "fp32":
+        fp32_dir = model_dir
+    else:
+        fp32_dir = _reexport(manifest, module, target, work / "fp32")
+        if form_ok:  # only the precision changes, but the fp32 source is not at hand
+            reason = f"exported again in fp32 and {reason}"
+    if precision == "fp32":
+        return fp32_dir, reason
+    from qcexport.optimize import quantize_model_dir
+
+    method = (manifest.get("quantization") or {}).get("method") or "minmax"
+    calibration = manifest.get("calibration") or {}
+    if calibration.get("source") not in (None, "factory"):
+        raise UserError(
+            f"the model must be rebuilt ({reason}) and it was calibrated with "
+            f"{calibration['source']}, which the bundle step does not have",
+            hint=f"quantize the {target.name} export yourself: `qcexport convert NAME --target "
+            f"{target.name} -o DIR` then `qcexport quantize DIR --precision {precision} "
+            "--calibration FILE`, and bundle that",
+        )
+    quantize_model_dir(fp32_dir, precision, work / precision, target=target.name, method=method)
+    return work / precision, reason
+
+
+def _reexport(manifest, module, target: Target, out: Path) -> Path:
+    """Export the (golden-weights) module again in the target's preferred form; verified."""
+    from qcexport import mechanisms
+    from qcexport.export.pipeline import convert
+
+    spec = mechanisms.get(manifest["mechanism"])
+    config = spec.config_cls(**manifest["config"]) if manifest.get("config") else spec.config(
+        manifest.get("preset", "tiny"))
+    output_names, dynamic_axes, extra = spec.output_names, spec.dynamic_axes, {}
+    maps = manifest.get("attention_maps")
+    if maps:
+        from qcexport.diagnostics.maps import with_attention_maps
+
+        module = with_attention_maps(module, spec.name, spec.output_names,
+                                     heads=maps.get("heads", "mean"))
+        output_names = module.output_names
+        dynamic_axes = module.maps_dynamic_axes(spec.dynamic_axes)
+        extra = {"attention_maps": module.maps_descriptor()}
+    result = convert(
+        module,
+        spec.inputs(config, spec.export_case, seed=0),
+        dynamic_axes,
+        output_names=output_names,
+        target=target.name,
+        attention="auto",
+        output_dir=out,
+        verify_inputs=[("export_shape", spec.inputs(config, spec.export_case, seed=1)),
+                       (spec.verify_case.name + "_shape",
+                        spec.inputs(config, spec.verify_case, seed=2))],
+        metadata={"mechanism": spec.name, "preset": manifest.get("preset"),
+                  "config": dataclasses.asdict(config), **extra},
+    )
+    return result.path.parent
+
+
+def _copy_model(src: Path, manifest: Mapping[str, Any], staging: Path) -> None:
+    for name in manifest.get("files") or [MODEL_FILE]:
+        shutil.copyfile(src / name, staging / name)
+        os.chmod(staging / name, 0o644)
+
+
+def _golden_subset(gset: GoldenSet, cases, out: Path) -> GoldenSet:
+    """Copy the chosen cases of ``gset`` into ``out`` with a manifest listing only those.
+
+    The weights are left out (the model carries them; their hash stays in provenance).
+    """
+    names = [c.name for c in gset.cases]
+    if cases is None:
+        chosen = names
+    elif isinstance(cases, int):
+        if cases < 1:
+            raise UserError(f"--cases {cases}: a bundle needs at least one golden case",
+                            hint=f"pass a number from 1 to {len(names)}, or case names")
+        chosen = names[:cases]
+    else:
+        chosen = list(dict.fromkeys(cases))
+        for case in chosen:
+            if case not in names:
+                raise unknown_choice("golden case", case, names, flag="--cases")
+    out.mkdir(parents=True)
+    entries = [e for e in gset.manifest["cases"] if e["name"] in chosen]
+    for entry in entries:
+        shutil.copyfile(gset.path / entry["file"], out / entry["file"])
+        os.chmod(out / entry["file"], 0o644)
+    source_weights = (gset.manifest.get("weights") or {}).get("sha256")
+    manifest = {k: v for k, v in gset.manifest.items() if k != "weights"}
+    manifest["cases"] = entries
+    manifest["subset_of"] = {"cases": names, "weights_file_sha256": source_weights}
+    write_json_atomic(out / GOLDEN_MANIFEST, manifest)
+    os.chmod(out / GOLDEN_MANIFEST, 0o644)
+    return load_golden(out, mechanism=gset.mechanism, preset=gset.preset)
+
+
+def _profile_ranges(manifest, subset: GoldenSet, target: Target, widen
+                    ) -> dict[str, tuple[int, int, int]]:
+    """min/opt/max per symbolic axis: the golden cases' sizes, replaced per axis by ``widen``;
+    every golden case must stay inside (the device runs them on TensorRT too)."""
+    shapes = {s["name"]: list(s["shape"]) for s in manifest["inputs"]}
+    axes = fmt.spec_axes(manifest["inputs"])
+    observed = [{k: v.shape for k, v in case.inputs.items()} for case in subset.cases]
+    ranges = axis_ranges_from_shapes(shapes, observed)
+    unknown = sorted(set(widen) - set(axes))
+    if unknown:
+        raise UserError(f"--profile names axes {', '.join(unknown)}, which no input has "
+                        f"(the model's dynamic axes: {', '.join(axes) or 'none'})",
+                        hint="name one of the model's dynamic axes")
+    for axis, values in widen.items():
+        low, opt, high = (int(v) for v in values)
+        if not 1 <= low <= opt <= high:
+            raise UserError(f"--profile {axis}={low}:{opt}:{high} is not 1 <= MIN <= OPT <= MAX",
+                            hint="e.g. --profile tokens=1:257:1025")
+        seen = ranges.get(axis)
+        if seen and (seen[0] < low or seen[2] > high):
+            raise UserError(
+                f"--profile {axis}={low}:{opt}:{high} leaves out golden cases with {axis} from "
+                f"{seen[0]} to {seen[2]}, which verify runs on the device",
+                hint=f"widen it to include {seen[0]}..{seen[2]}")
+        ranges[axis] = (low, opt, high)
+    if target.needs_profile_shapes:
+        # The same pure function the adapter calls on the device: an axis without a range is
+        # an error here, on the host, not on the Jetson.
+        tensorrt_provider_options(shapes, ranges, cache_dir=".")
+    return {axis: tuple(ranges[axis]) for axis in axes if axis in ranges}
+
+
+def _materialised_policy(manifest) -> TolerancePolicy:
+    """The model's policy with every target profile's overrides written in: the bundle then
+    judges with these numbers on any qcrun version (``use_target_profiles`` off)."""
+    base = TolerancePolicy.from_dict(manifest.get("tolerances") or {})
+    targets = {name: {s: dict(f) for s, f in scopes.items()}
+               for name, scopes in base.targets.items()}
+    for t in list_targets():
+        for precision, fields in t.tolerance_overrides.items():
+            scopes = targets.setdefault(t.name, {})
+            # resolve applies profile, then "*", then the precision: keep that order in one.
+            scopes[precision] = {**fields, **scopes.get("*", {}), **scopes.get(precision, {})}
+    return TolerancePolicy(defaults=dict(base.defaults), targets=targets,
+                           outputs={k: dict(v) for k, v in base.outputs.items()},
+                           use_target_profiles=False)
+
+
+def _host_targets(bundle_target: Target, manifest, precision: str, host_targets) -> list[str]:
+    def incompatible(t: Target) -> bool:
+        return (not t.accepts_attention(manifest["attention"])
+                or int(manifest["opset"]) > t.max_opset or precision not in t.precisions)
+
+    if host_targets:
+        names = [get_target(n).name for n in host_targets]
+        bad = [n for n in names if incompatible(get_target(n))]
+        if bad:
+            raise UserError(f"host target(s) {', '.join(bad)} cannot run the bundled model "
+                            f"({manifest['attention']!r} attention, opset {manifest['opset']}, "
+                            f"{precision})", hint="drop them from --host-targets")
+        return names
+    return [t.name for t in list_targets()
+            if t.name not in NOT_HOST_BY_DEFAULT and not incompatible(t)]
+
+
+def _host_parity(model: Path, subset: GoldenSet, manifest, policy, precision, target: Target,
+                 host_targets) -> ParityReport:
+    names = _host_targets(target, manifest, precision, host_targets)
+    report = run_parity(model, subset, names, policy, precision,
+                        attention_form=manifest["attention"])
+    if not report.passed:
+        failures = "; ".join(r.describe() for r in report.failures()[:6])
+        raise UserError(
+            f"the bundled model fails parity on the host ({len(report.failures())} failing "
+            f"checks): {failures}",
+            stage="parity",
+            hint="nothing was written; check the model with `qcexport parity MODEL_DIR`",
+        )
+    if not report.counts()["pass"]:
+        raise UserError(
+            f"no host target could run the bundled model ({', '.join(names)}: "
+            + "; ".join(sorted({r.message for r in report.skips()})) + ")",
+            stage="parity",
+            hint="pass --host-targets with a target available here (see `qcrun targets`)",
+        )
+    return report
+
+
+def _write_model_manifest(staging: Path, manifest, target: Target, policy) -> None:
+    data = dict(manifest)
+    data.update({"golden": fmt.GOLDEN_DIR, "tolerances": policy.to_dict(), "target": target.name,
+                 "model": MODEL_FILE})
+    write_json_atomic(staging / MANIFEST_FILE, data)
+    os.chmod(staging / MANIFEST_FILE, 0o644)
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for dist in _VERSIONED:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[dist] = importlib.metadata.version(dist)
+    return found
+
+
+def _bundle_manifest(name, target: Target, precision, model_manifest, source_manifest,
+                     model_dir: Path, ranges, policy: TolerancePolicy, subset: GoldenSet,
+                     gset: GoldenSet, golden_note: str, rebuilt, report: ParityReport
+                     ) -> dict[str, Any]:
+    m = model_manifest
+    return {
+        "name": name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "target": target.name,
+        "target_description": target.description,
+        "precision": precision,
+        "attention": m["attention"],
+        "opset": int(m["opset"]),
+        "mechanism": m.get("mechanism"),
+        "preset": m.get("preset"),
+        "model": MODEL_FILE,
+        "golden": fmt.GOLDEN_DIR,
+        "inputs": m["inputs"],
+        "outputs": m["outputs"],
+        "dynamic_axes": m.get("dynamic_axes", {}),
+        "profile_shapes": {axis: list(r) for axis, r in ranges.items()},
+        "tolerances": policy.to_dict(),
+        "provenance": {
+            "mechanism": m.get("mechanism"),
+            "preset": m.get("preset"),
+            "config": m.get("config"),
+            "weights_sha256": m.get("weights_sha256"),
+            "source_model": {
+                "dir": str(model_dir.resolve()),
+                "sha256": file_sha256(model_dir / MODEL_FILE),
+                "attention": source_manifest["attention"],
+                "opset": source_manifest["opset"],
+                "precision": source_manifest["precision"],
+            },
+            "rebuilt": rebuilt,
+            "exporter": {
+                "versions": m.get("versions"),
+                "attention": m["attention"],
+                "opset": m["opset"],
+                "fused_attention": m.get("fused_attention"),
+                "verification": m.get("verification"),
+                "quantization": m.get("quantization"),
+                "calibration": m.get("calibration"),
+                "accuracy_loss": m.get("accuracy_loss"),
+            },
+            "golden": {
+                "source": golden_note,
+                "writer": gset.manifest.get("writer"),
+                "seed": gset.manifest.get("seed"),
+                "versions": gset.manifest.get("versions"),
+                "weights_file_sha256": (gset.manifest.get("weights") or {}).get("sha256"),
+                "cases": [c.name for c in subset.cases],
+                "of": [c.name for c in gset.cases],
+            },
+            "toolkit": _versions(),
+            "host": environment(),
+            "host_parity": report.to_dict(),
+        },
+    }
+
+
+def _finish(staging: Path, manifest, final: Path, archive: bool, name: str) -> dict[str, Any]:
+    """bundle.json with every file's hash; then the archive, or the directory renamed into
+    place (an older bundle there is replaced only once the new one is complete)."""
+    os.chmod(staging, 0o755)
+    for directory in (p for p in staging.rglob("*") if p.is_dir()):
+        os.chmod(directory, 0o755)
+    written = fmt.write_manifest(staging, manifest)
+    check = fmt.verify_bundle(staging)  # what the device will do, before it leaves the host
+    if not check.ok or check.extra:
+        raise RuntimeError(f"freshly written bundle does not verify: {check.to_dict()}")
+    if archive:
+        fmt.pack_archive(staging, final, arcname=name)
+        return written
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return written

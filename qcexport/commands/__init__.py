@@ -1,0 +1,1 @@
+"""Subcommands of the qcexport CLI that live in their own modules."""

@@ -1,0 +1,1 @@
+"""Query-conditioning diagnostics: attention maps as model outputs, metrics and rendering."""

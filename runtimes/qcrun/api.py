@@ -1,0 +1,451 @@
+"""The embedding API: ``qcrun.load`` a bundle (or a model) and call it from an app.
+
+    import qcrun
+    model = qcrun.load("qformer.bundle")              # best target this device has
+    out = model(image_features=x, text_ids=t, text_mask=m)   # {"query_outputs": array}
+    model.inputs, model.outputs, model.target         # the spec and where it runs
+
+Choosing a target (``target="auto"``): the first of ``AUTO_ORDER`` -- TensorRT, CUDA,
+OpenVINO GPU, OpenVINO CPU, ONNX Runtime CPU -- that is available here *and* accepts the
+bundle's attention form, opset and precision; among the TensorRT profiles the bundle's own
+target comes first. ``target="ort-cpu"`` asks for one target (a clear error says why it cannot
+run), and a list of names is an order of your own. onnx-reference is never chosen
+automatically (it is a slow second opinion), only by name.
+
+Inputs are checked before they reach the engine: every input present, no unknown names, the
+dtype and rank of the spec, static axes of the right size, a symbolic axis ("batch") of the
+same size in every input that has it, and on TensorRT the profile ranges the bundle was built
+with. A mismatch is a UserError listing every problem; nothing is cast silently.
+
+Threads: one ``Model`` may be called from several threads at once, and returns the same
+outputs as serial calls.
+
+- onnxruntime: ``InferenceSession.run`` is thread-safe, so calls run concurrently on the one
+  session (each call's intra-op threads are the session's).
+- OpenVINO: an ``InferRequest`` holds its input and output tensors and must not be shared, so
+  the model keeps a pool of requests of the one compiled model: a call takes an idle request
+  (or creates one) and returns it after copying its outputs.
+- onnx.reference: calls are serialised by a lock.
+
+``close()`` (or ``with qcrun.load(...) as model:``) releases the engine and removes an archive's
+extracted copy; calls after it are an error.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcrun.adapters import (
+    Adapter,
+    OpenVinoAdapter,
+    TargetUnavailable,
+    TensorInfo,
+    _array_problems,
+    adapter_for,
+)
+from qcrun.bundle import Bundle, is_bundle, open_bundle
+from qcrun.errors import UserError
+from qcrun.targets import Target, availability, get_target
+
+#: Target preference of ``target="auto"``, best first; targets in one tuple share a rank, and
+#: within a rank the bundle's own target goes first.
+AUTO_ORDER: tuple[tuple[str, ...], ...] = (
+    ("ort-tensorrt", "jetson-orin"),
+    ("ort-cuda",),
+    ("openvino-gpu",),
+    ("openvino-cpu",),
+    ("ort-cpu",),
+)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One target considered by ``load``: whether it could run the model here, and why.
+
+    ``usable`` targets are tried in order; the first that loads is ``chosen``.
+    """
+
+    target: str
+    usable: bool
+    reason: str
+    chosen: bool = False
+
+    def describe(self) -> str:
+        state = "chosen" if self.chosen else "not needed" if self.usable else "skipped"
+        return f"{self.target}: {state} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What ``load`` was given, reduced to a model file and what is known about it."""
+
+    model_path: Path
+    label: str
+    inputs: list[TensorInfo] | None
+    outputs: list[TensorInfo] | None
+    attention: str | None
+    opset: int | None
+    precision: str | None
+    bundle: Bundle | None = None
+
+
+def auto_order(bundle_target: str | None = None) -> list[str]:
+    """The auto order as a flat list, the bundle's target first within its rank."""
+    order = []
+    for rank in AUTO_ORDER:
+        names = list(rank)
+        if bundle_target in names:
+            names.remove(bundle_target)
+            names.insert(0, bundle_target)
+        order += names
+    return order
+
+
+def plan_targets(
+    candidates: Iterable[str],
+    *,
+    incompatibility=lambda target: None,
+    available=availability,
+) -> list[Choice]:
+    """Judge each candidate in order: incompatible with the model, unavailable here, or usable.
+
+    ``incompatibility(target) -> reason | None`` says whether the model can run there;
+    ``available(target) -> (ok, reason)`` whether the device can (``targets.availability``).
+    """
+    choices = []
+    for name in dict.fromkeys(candidates):
+        target = get_target(name)
+        why = incompatibility(target)
+        if why:
+            choices.append(Choice(target.name, False, f"cannot run this model: {why}"))
+            continue
+        ok, reason = available(target)
+        choices.append(Choice(target.name, ok, reason))
+    return choices
+
+
+class _PooledOpenVino(OpenVinoAdapter):
+    """OpenVINO with one InferRequest per concurrent call, from a pool of idle requests."""
+
+    def _load(self):
+        loaded = super()._load()
+        self._pool: queue.SimpleQueue = queue.SimpleQueue()
+        self._pool.put(self._request)
+        self._created = 1
+        self._count_lock = threading.Lock()
+        return loaded
+
+    @property
+    def requests_created(self) -> int:
+        return self._created
+
+    def _run(self, feed):
+        try:
+            request = self._pool.get_nowait()
+        except queue.Empty:
+            request = self._compiled.create_infer_request()
+            with self._count_lock:
+                self._created += 1
+        try:
+            results = request.infer({self._in_ports[k]: v for k, v in feed.items()})
+            # The request reuses its output buffers on its next call: copy before releasing it.
+            return {name: np.array(results[port], copy=True)
+                    for name, port in self._out_ports.items()}
+        finally:
+            self._pool.put(request)
+
+    def _close(self):
+        super()._close()
+        self._pool = queue.SimpleQueue()
+
+
+class Model:
+    """A loaded model on one target: call it with inputs by name, get outputs by name.
+
+    Built by ``qcrun.load``. ``inputs`` / ``outputs`` are the spec (names, dtypes, shapes with
+    symbolic axis names); ``target`` is where it runs and ``choices`` how that was decided.
+    """
+
+    def __init__(self, adapter: Adapter, source: _Source, choices: Sequence[Choice]):
+        self._adapter = adapter
+        self._source = source
+        self.choices = list(choices)
+        self.target: str = adapter.target.name
+        engine_inputs = adapter.inputs
+        self.inputs: list[TensorInfo] = source.inputs or engine_inputs
+        self.outputs: list[TensorInfo] = source.outputs or adapter.outputs
+        self._check_spec(engine_inputs)
+        self._lock = None if adapter.engine in ("onnxruntime", "openvino") else threading.Lock()
+        self._closed = False
+
+    def _check_spec(self, engine_inputs: list[TensorInfo]) -> None:
+        """The declared spec must be the model's: every declared input known to the engine
+        (by name or alias, see OpenVINO's merged names) and nothing more."""
+        known = {n for i in engine_inputs for n in (i.name, *i.aliases)}
+        declared = [i.name for i in self.inputs]
+        if len(declared) != len(engine_inputs) or not set(declared) <= known:
+            raise UserError(
+                f"{self._source.label}: its manifest declares inputs {sorted(declared)} but the "
+                f"model has {sorted(i.name for i in engine_inputs)}",
+                stage="load",
+                hint="the manifest and the model do not belong together: re-export the model, "
+                "or rebuild the bundle with `qcexport bundle`",
+            )
+        # Outputs by the spec's names, whichever of its names the engine reports first.
+        spec_outputs = {o.name for o in self.outputs}
+        self._rename = {}
+        for info in self._adapter.outputs:
+            if info.name not in spec_outputs:
+                alias = next((a for a in info.aliases if a in spec_outputs), None)
+                if alias:
+                    self._rename[info.name] = alias
+
+    # -- info ---------------------------------------------------------------------------------
+
+    @property
+    def bundle(self) -> Bundle | None:
+        return self._source.bundle
+
+    @property
+    def model_path(self) -> Path:
+        return self._source.model_path
+
+    @property
+    def concurrency(self) -> str:
+        """How concurrent calls are served (see the module docstring)."""
+        return {
+            "onnxruntime": "concurrent calls on one thread-safe InferenceSession",
+            "openvino": "one InferRequest per concurrent call, from a pool",
+        }.get(self._adapter.engine, "calls serialised by a lock")
+
+    def __repr__(self) -> str:
+        spec = ", ".join(i.describe() for i in self.inputs)
+        return f"Model({self._source.label!r} on {self.target}: {spec})"
+
+    # -- running ------------------------------------------------------------------------------
+
+    def __call__(self, **inputs: Any) -> dict[str, np.ndarray]:
+        return self.run(inputs)
+
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run one set of inputs (name -> array); returns every output by name."""
+        if self._closed:
+            raise UserError(f"{self._source.label} on {self.target} was closed",
+                            stage="run", hint="load it again with qcrun.load")
+        if not isinstance(inputs, Mapping):
+            raise UserError(f"inputs must be a mapping of input name to array, not "
+                            f"{type(inputs).__name__}", stage="run",
+                            hint=f"call model.run({{{', '.join(repr(i.name) for i in self.inputs)}"
+                            ": ...}}) or model(name=array, ...)")
+        self._check(inputs)
+        if self._lock is None:
+            outputs = self._adapter.run(inputs)
+        else:
+            with self._lock:
+                outputs = self._adapter.run(inputs)
+        if self._rename:
+            outputs = {self._rename.get(k, k): v for k, v in outputs.items()}
+        return outputs
+
+    def _check(self, inputs: Mapping[str, Any]) -> None:
+        """Every problem of ``inputs`` against the spec, in one UserError: names, dtypes, ranks,
+        static sizes (the adapter's rules, with the spec's axis names), a symbolic axis of one
+        size across inputs, and on TensorRT the bundle's profile ranges. The adapter checks the
+        feed again against the engine's own view before running it."""
+        problems = [f"input {k!r} is not an input of the model" for k in inputs
+                    if k not in {i.name for i in self.inputs}]
+        sizes: dict[str, tuple[int, str]] = {}
+        for spec in self.inputs:
+            if spec.name not in inputs:
+                problems.append(f"input {spec.name!r} is missing")
+                continue
+            array = np.asarray(inputs[spec.name])
+            found = _array_problems(spec, array)
+            problems += found
+            if found or spec.shape is None:
+                continue
+            for dim, size in zip(spec.shape, array.shape, strict=True):
+                if not isinstance(dim, str):
+                    continue
+                if dim in sizes and sizes[dim][0] != size:
+                    first_size, first_input = sizes[dim]
+                    problems.append(f"axis {dim!r} is {first_size} in {first_input!r} but {size} "
+                                    f"in {spec.name!r}")
+                sizes.setdefault(dim, (int(size), spec.name))
+        bundle = self._source.bundle
+        on_tensorrt = bundle is not None and self._adapter.target.needs_profile_shapes
+        outside = bundle.profile_problems(inputs) if on_tensorrt and not problems else []
+        problems += outside
+        if problems:
+            expected = ", ".join(i.describe() for i in self.inputs)
+            raise UserError(
+                f"inputs do not match {self._source.label} on {self.target}: "
+                f"{'; '.join(problems)} (the model expects {expected})",
+                stage="run",
+                hint="keep inputs within the profile, or rebuild the bundle with --profile "
+                "AXIS=MIN:OPT:MAX" if outside else
+                "pass every input by name, as numpy arrays of the spec's dtype and rank, with "
+                "one size per named axis (model.inputs lists them)",
+            )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._adapter.close()
+        if self._source.bundle is not None:
+            self._source.bundle.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load(
+    path_or_bundle: str | Path | Bundle,
+    target: str | Sequence[str] = "auto",
+    *,
+    verify: bool = True,
+    cache_dir: str | Path | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Model:
+    """Load a bundle (directory or .tar.gz), a model directory or an .onnx file on a target.
+
+    ``target``: "auto" (``AUTO_ORDER``, see the module docstring), a target name, or a list of
+    names to try in that order. A named target that cannot run here, or cannot run this
+    model, is a UserError saying why. ``verify`` re-hashes a bundle's files first (a damaged
+    bundle is ``BundleDamaged``, naming the files). ``cache_dir`` is where TensorRT engine and
+    timing caches go (default $QCRUN_CACHE_DIR or ~/.cache/qcrun). ``options`` maps a target
+    name to extra adapter options (e.g. ``{"ort-cpu": {"intra_op_threads": 2}}``).
+    """
+    source = _open_source(path_or_bundle, verify=verify)
+    try:
+        return _load_source(source, target, cache_dir=cache_dir, options=options or {})
+    except BaseException:
+        if source.bundle is not None and not isinstance(path_or_bundle, Bundle):
+            source.bundle.close()
+        raise
+
+
+def _open_source(path_or_bundle, *, verify: bool) -> _Source:
+    if isinstance(path_or_bundle, Bundle) or is_bundle(path_or_bundle):
+        bundle = (path_or_bundle if isinstance(path_or_bundle, Bundle)
+                  else open_bundle(path_or_bundle))
+        if verify:
+            try:
+                bundle.require_intact()
+            except BaseException:
+                if not isinstance(path_or_bundle, Bundle):
+                    bundle.close()
+                raise
+        return _Source(bundle.model_path, str(bundle.source), bundle.inputs, bundle.outputs,
+                       bundle.attention, bundle.opset, bundle.precision, bundle)
+    path = Path(path_or_bundle)
+    if path.is_dir():
+        manifest_path, model_path = path / "manifest.json", path / "model.onnx"
+        if not manifest_path.is_file():
+            raise UserError(f"{path} is neither a bundle nor a model directory (no bundle.json "
+                            "or manifest.json)", stage="load",
+                            hint="pass a bundle written by `qcexport bundle`, a model directory "
+                            "written by `qcexport convert`, or an .onnx file")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{manifest_path} is not valid JSON: {e}", stage="load") from None
+        model_path = path / manifest.get("model", model_path.name)
+
+        def infos(key):
+            specs = manifest.get(key)
+            return [TensorInfo(s["name"], s.get("dtype"), tuple(s["shape"])) for s in specs] \
+                if specs else None
+
+        return _Source(model_path, str(path), infos("inputs"), infos("outputs"),
+                       manifest.get("attention"), manifest.get("opset"),
+                       manifest.get("precision"))
+    if path.suffix == ".onnx" or path.is_file():
+        # A bare model: its form and precision are unknown, so every target is a candidate.
+        return _Source(path, str(path), None, None, None, None, None)
+    raise UserError(f"{path} does not exist", stage="load",
+                    hint="pass a bundle, a model directory or an .onnx file")
+
+
+def _incompatibility(source: _Source):
+    def why(target: Target) -> str | None:
+        if source.bundle is not None:
+            return source.bundle.incompatibility(target)
+        problems = []
+        if source.attention and not target.accepts_attention(source.attention):
+            problems.append(f"it does not read the {source.attention!r} attention form")
+        if source.opset and int(source.opset) > target.max_opset:
+            problems.append(f"it reads opsets up to {target.max_opset}")
+        if source.precision and source.precision not in target.precisions:
+            problems.append(f"it does not run {source.precision} models")
+        return "; ".join(problems) or None
+
+    return why
+
+
+def _load_source(source: _Source, target, *, cache_dir, options) -> Model:
+    bundle_target = source.bundle.target if source.bundle else None
+    if isinstance(target, str) and target != "auto":
+        named = get_target(target)
+        why = _incompatibility(source)(named)
+        if why:
+            if source.bundle is not None:
+                source.bundle.require_compatible(named)  # raises, with the rebuild hint
+            raise UserError(f"{source.label} cannot run on {named.name}: {why}", stage="load",
+                            hint="pass another target, or export the model for this one")
+        candidates, explicit = [named.name], True
+    elif isinstance(target, str):
+        candidates, explicit = auto_order(bundle_target), False
+    else:
+        candidates, explicit = [get_target(t).name for t in target], True
+        if not candidates:
+            raise UserError("no targets given", stage="load",
+                            hint="pass target='auto', a target name or a list of names")
+    plan = plan_targets(candidates, incompatibility=_incompatibility(source))
+    outcome: list[Choice] = []
+    for index, choice in enumerate(plan):
+        if not choice.usable:
+            outcome.append(choice)
+            continue
+        adapter = _adapter(source, choice.target, cache_dir, options)
+        try:
+            adapter.load()
+        except TargetUnavailable as e:  # listed, but the session fell back: try the next one
+            outcome.append(Choice(choice.target, False, str(e)))
+            continue
+        outcome += [replace(choice, chosen=True), *plan[index + 1:]]
+        return Model(adapter, source, outcome)
+    if explicit and len(candidates) == 1:
+        raise TargetUnavailable(f"target {candidates[0]} cannot run {source.label} here: "
+                                f"{outcome[0].reason}", stage="load",
+                                hint="see `qcrun targets` for what this device can run, or "
+                                "pass target='auto'")
+    reasons = "; ".join(c.describe() for c in outcome)
+    raise TargetUnavailable(f"no target can run {source.label} here ({reasons})", stage="load",
+                            hint="install an engine that reads the model (see `qcrun targets`), "
+                            "or rebuild the bundle for a target this device has")
+
+
+def _adapter(source: _Source, target: str, cache_dir, options) -> Adapter:
+    t = get_target(target)
+    extra = dict(source.bundle.adapter_options(t, cache_dir)) if source.bundle else {}
+    if t.needs_profile_shapes and "cache_dir" not in extra and cache_dir:
+        extra["cache_dir"] = str(Path(cache_dir) / t.name)
+    extra.update(options.get(t.name, {}))
+    if t.engine == "openvino":
+        return _PooledOpenVino(source.model_path, t, **extra)
+    return adapter_for(source.model_path, t, **extra)
