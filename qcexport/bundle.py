@@ -273,7 +273,7 @@ def _golden_set(manifest, golden, scratch: Path) -> tuple[GoldenSet, str]:
     # golden` would, into the scratch directory.
     written = write_golden(name, preset, root=scratch)
     return (load_golden(written.path, mechanism=name, preset=preset),
-            f"written from PyTorch eager for this bundle (no committed golden/{name}/{preset})")
+            f"PyTorch eager, written for this bundle (no committed golden/{name}/{preset})")
 
 
 def _golden_module(manifest, gset: GoldenSet):
@@ -307,7 +307,7 @@ def _golden_module(manifest, gset: GoldenSet):
 def _model_for_target(model_dir: Path, manifest, module, target: Target, precision: str,
                       work: Path) -> tuple[Path, str | None]:
     """The directory of the model to bundle: the given one when the target reads it as it is,
-    else one exported (and quantized) again. Returns (dir, why re-exported or None, detail)."""
+    else one exported and/or quantized again. Returns (dir, why it was rebuilt, or None)."""
     form_ok = (target.accepts_attention(manifest["attention"])
                and int(manifest["opset"]) <= target.max_opset)
     if form_ok and precision == manifest["precision"]:
@@ -328,6 +328,16 @@ def _model_for_target(model_dir: Path, manifest, module, target: Target, precisi
             hint=f"convert it for the target: `qcexport convert --module PKG.MOD:FACTORY "
             f"--target {target.name}` (and `qcexport quantize` for {precision}), then bundle that",
         )
+    method = (manifest.get("quantization") or {}).get("method") or "minmax"
+    calibration = manifest.get("calibration") or {}
+    if precision == "int8-static" and calibration.get("source") not in (None, "factory"):
+        raise UserError(
+            f"the model must be rebuilt ({reason}) and it was calibrated with "
+            f"{calibration['source']}, which the bundle step does not have",
+            hint=f"quantize the {target.name} export yourself: `qcexport convert NAME --target "
+            f"{target.name} -o DIR` then `qcexport quantize DIR --precision {precision} "
+            "--calibration FILE`, and bundle that",
+        )
     if form_ok and manifest["precision"] == "fp32":
         fp32_dir = model_dir
     else:
@@ -338,17 +348,10 @@ def _model_for_target(model_dir: Path, manifest, module, target: Target, precisi
         return fp32_dir, reason
     from qcexport.optimize import quantize_model_dir
 
-    method = (manifest.get("quantization") or {}).get("method") or "minmax"
-    calibration = manifest.get("calibration") or {}
-    if calibration.get("source") not in (None, "factory"):
-        raise UserError(
-            f"the model must be rebuilt ({reason}) and it was calibrated with "
-            f"{calibration['source']}, which the bundle step does not have",
-            hint=f"quantize the {target.name} export yourself: `qcexport convert NAME --target "
-            f"{target.name} -o DIR` then `qcexport quantize DIR --precision {precision} "
-            "--calibration FILE`, and bundle that",
-        )
     quantize_model_dir(fp32_dir, precision, work / precision, target=target.name, method=method)
+    if precision == manifest["precision"]:
+        reason += f"; quantized again to {precision}" + (
+            f" ({method} calibration)" if precision == "int8-static" else "")
     return work / precision, reason
 
 

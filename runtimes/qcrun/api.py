@@ -95,6 +95,7 @@ class _Source:
     opset: int | None
     precision: str | None
     bundle: Bundle | None = None
+    owns_bundle: bool = False  # opened by load (closed with the model), not passed in
 
 
 def auto_order(bundle_target: str | None = None) -> list[str]:
@@ -303,7 +304,7 @@ class Model:
             return
         self._closed = True
         self._adapter.close()
-        if self._source.bundle is not None:
+        if self._source.owns_bundle:
             self._source.bundle.close()
 
     def __enter__(self) -> Model:
@@ -323,6 +324,9 @@ def load(
 ) -> Model:
     """Load a bundle (directory or .tar.gz), a model directory or an .onnx file on a target.
 
+    A ``Bundle`` from ``qcrun.bundle.open_bundle`` may be passed too; it stays open (and its
+    extracted files in place) after the model is closed: whoever opened it closes it.
+
     ``target``: "auto" (``AUTO_ORDER``, see the module docstring), a target name, or a list of
     names to try in that order. A named target that cannot run here, or cannot run this
     model, is a UserError saying why. ``verify`` re-hashes a bundle's files first (a damaged
@@ -334,7 +338,7 @@ def load(
     try:
         return _load_source(source, target, cache_dir=cache_dir, options=options or {})
     except BaseException:
-        if source.bundle is not None and not isinstance(path_or_bundle, Bundle):
+        if source.owns_bundle:
             source.bundle.close()
         raise
 
@@ -351,7 +355,8 @@ def _open_source(path_or_bundle, *, verify: bool) -> _Source:
                     bundle.close()
                 raise
         return _Source(bundle.model_path, str(bundle.source), bundle.inputs, bundle.outputs,
-                       bundle.attention, bundle.opset, bundle.precision, bundle)
+                       bundle.attention, bundle.opset, bundle.precision, bundle,
+                       owns_bundle=not isinstance(path_or_bundle, Bundle))
     path = Path(path_or_bundle)
     if path.is_dir():
         manifest_path, model_path = path / "manifest.json", path / "model.onnx"

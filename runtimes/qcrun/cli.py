@@ -440,6 +440,8 @@ def _golden_template(model_dir: Path, manifest: dict):
 def profile_command(model_dir: Path, target_names, **settings):
     """Latency of MODEL_DIR/model.onnx on each --target: percentiles, per-op time, FLOP/s.
 
+    MODEL_DIR may be a bundle (directory or .tar.gz): its file hashes are checked first.
+
     Untimed warm-up, then --runs timed runs or a --budget of seconds per shape; session
     creation is timed separately. Prints Markdown tables; --json, --markdown and --html write
     the report. Exit status 1 when a target fails or none can run.
