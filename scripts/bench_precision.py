@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import platform
 import statistics
 import sys
@@ -33,19 +32,12 @@ BENCH_PARAMS = {"batch": 1, "tokens": 257, "text": 32, "media": 1, "m": None}
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import onnxruntime
-    import openvino
+    from qcrun.profile import environment
 
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.machine()}; onnxruntime "
-            f"{onnxruntime.__version__}, openvino {openvino.get_version().split('-')[0]}")
+    env = environment()
+    engines = ", ".join(f"{k} {v}" for k, v in sorted(env.get("versions", {}).items())
+                        if k in ("onnxruntime", "openvino"))
+    return f"{env['cpu']}, {env['usable_cpus']} cores, {platform.machine()}; {engines}"
 
 
 def bench_inputs(name: str, config) -> dict[str, np.ndarray]:
