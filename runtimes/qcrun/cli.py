@@ -312,8 +312,9 @@ def profile_options(command):
                      help="Untimed warm-up runs per shape and target."),
         click.option("--op-runs", type=int, default=10, show_default=True,
                      help="Profiled runs for the per-op breakdown, at the last shape (0: none)."),
-        click.option("--gemm-size", type=int, default=2048, show_default=True,
-                     help="n of the n^3 fp32 GEMM that measures each engine's peak (0: skip)."),
+        click.option("--gemm-sizes", default="1024,1536,2048", show_default=True,
+                     help="n of the n^3 fp32 GEMMs that measure each engine's peak, the fastest "
+                     "winning (0: skip)."),
         click.option("--threads", type=int, help="Engine threads [default: the engine's own]."),
         click.option("--accuracy", is_flag=True,
                      help="OpenVINO: EXECUTION_MODE_HINT=ACCURACY (fp32, as parity runs) instead "
@@ -379,7 +380,8 @@ def execute_profile(model_dir: Path, manifest: dict, target_names, settings: dic
         runs=settings["runs"],
         budget_s=settings["budget"],
         op_runs=settings["op_runs"],
-        gemm_size=settings["gemm_size"] or None,
+        gemm_sizes=None if str(settings["gemm_sizes"]).strip() in ("0", "", "none")
+        else parse_sizes(settings["gemm_sizes"], "--gemm-sizes"),
         threads=settings["threads"],
         accuracy=settings["accuracy"],
         model_info={k: manifest.get(k) for k in ("mechanism", "preset", "precision", "attention",

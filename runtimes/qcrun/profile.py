@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -56,6 +57,7 @@ from qcrun.adapters import (
 from qcrun.errors import UserError
 from qcrun.flops import FlopCount, count_flops, observe_shapes
 from qcrun.latency import (
+    DEFAULT_BUDGET_S,
     DEFAULT_WARMUP,
     Growth,
     LatencyStats,
@@ -71,7 +73,9 @@ from qcrun.targets import Target, availability, get_target, import_engine
 
 FORMAT = 1
 DEFAULT_OP_RUNS = 10
-DEFAULT_GEMM_SIZE = 2048
+#: GEMM sizes of the peak calibration: powers of two alone understate it (cache-set
+#: conflicts cost up to a third on some CPUs), so the best of a few sizes is the peak.
+DEFAULT_GEMM_SIZES = (1024, 1536, 2048)
 DEFAULT_MODULE_DEPTH = 2
 TOP_LEVEL = "(top level)"
 NO_METADATA = "(no module metadata)"
@@ -200,11 +204,12 @@ def model_files(model_path: str | Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class GemmPeak:
-    """The engine's fp32 GEMM rate: an n x n x n MatMul model timed in this process.
+    """The engine's fp32 GEMM rate: n x n x n MatMul models timed in this process.
 
-    The peak is the fastest run: what the engine can reach. (The median is recorded too; on a
-    shared machine a neighbour's burst slows the median, and a peak read from it would be too
-    low and flatter every model measured against it.)
+    The peak is the fastest run of the best size: what the engine can reach. (The median is
+    recorded too; on a shared machine a neighbour's burst slows the median, and a peak read from
+    it would be too low and flatter every model measured against it.) ``rates`` holds the best
+    rate of every size tried, in FLOP/s.
     """
 
     size: int
@@ -212,6 +217,7 @@ class GemmPeak:
     runs: int
     p50_ms: float
     min_ms: float
+    rates: dict[int, float] = field(default_factory=dict, hash=False)
 
     @property
     def flops_per_s(self) -> float:
@@ -222,15 +228,19 @@ class GemmPeak:
         return self.flops / (self.p50_ms / 1e3)
 
     def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rates"] = {str(k): v for k, v in self.rates.items()}
         return {
-            **asdict(self),
+            **data,
             "flops_per_s": self.flops_per_s,
             "median_flops_per_s": self.median_flops_per_s,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GemmPeak:
-        return cls(**{f: data[f] for f in cls.__dataclass_fields__})
+        values = {f: data[f] for f in cls.__dataclass_fields__ if f in data}
+        values["rates"] = {int(k): float(v) for k, v in data.get("rates", {}).items()}
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -519,6 +529,19 @@ class ProfileReport:
                 return t
         raise KeyError(name)
 
+    def method(self) -> str:
+        """How the timed runs were taken, in words."""
+        plan = self.plan
+        runs, budget = plan.get("runs"), plan.get("budget_s")
+        if runs and budget:
+            how = f"{runs} timed runs or {budget:g} s, whichever ends first"
+        elif runs:
+            how = f"{runs} timed runs"
+        else:
+            how = f"timed runs for {budget:g} s"
+        return (f"{plan.get('warmup')} untimed warm-up runs, then {how}, per shape and target; "
+                "session creation timed separately; garbage collector off while timing")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -584,14 +607,7 @@ class ProfileReport:
             f"{env.get('platform', '?')}"
         )
         lines.append(f"- versions: python {env.get('python', '?')}, {versions}")
-        plan = self.plan
-        how = (
-            f"{plan.get('runs')} timed runs"
-            if plan.get("runs")
-            else f"a {plan.get('budget_s')} s budget per shape"
-        )
-        lines.append(f"- method: {plan.get('warmup')} untimed warm-up runs, then {how}; "
-                     "session creation timed separately")
+        lines.append(f"- method: {self.method()}")
         lines += ["", "| target | shape | runs | min | p50 | p90 | p99 | max | mean | std | "
                   "runs/s | GFLOP | GFLOP/s | % GEMM peak |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
@@ -1112,28 +1128,36 @@ def gemm_peak(
     target: str | Target,
     options: Mapping[str, Any] | None = None,
     *,
-    size: int = DEFAULT_GEMM_SIZE,
+    sizes: int | Sequence[int] = DEFAULT_GEMM_SIZES,
     warmup: int = 3,
     runs: int = 10,
     adapter_factory=adapter_for,
 ) -> GemmPeak:
-    """The engine's fp32 GEMM rate on ``target`` with ``options`` (the ones the model runs
-    with), from an n^3 MatMul run in this process."""
-    if size <= 0:
-        raise UserError(f"the GEMM size must be positive, not {size}", stage="profile",
-                        hint="pass e.g. --gemm-size 2048")
+    """The engine's fp32 GEMM peak on ``target`` with ``options`` (the ones the model runs
+    with): n^3 MatMul models for every n in ``sizes``, run in this process; the fastest wins."""
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    if not sizes or any(n <= 0 for n in sizes):
+        raise UserError(f"GEMM sizes must be positive, not {sizes}", stage="profile",
+                        hint="pass e.g. --gemm-sizes 1024,1536,2048")
+    best: GemmPeak | None = None
+    rates: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="qcrun-gemm-") as tmp:
-        path = gemm_model(Path(tmp) / "gemm.onnx", size)
-        adapter = adapter_factory(path, target, **dict(options or {}))
-        adapter.load()
-        try:
-            x = np.random.default_rng(1).standard_normal((size, size)).astype(np.float32)
-            feed = adapter.check_feed({"x": x})
-            timing = time_calls(lambda: adapter.run(feed), warmup=warmup, runs=runs)
-        finally:
-            adapter.close()
-    stats = timing.stats
-    return GemmPeak(size, 2 * size**3, stats.runs, stats.p50_ms, stats.min_ms)
+        for size in sizes:
+            path = gemm_model(Path(tmp) / f"gemm{size}.onnx", size)
+            adapter = adapter_factory(path, target, **dict(options or {}))
+            adapter.load()
+            try:
+                x = np.random.default_rng(1).standard_normal((size, size)).astype(np.float32)
+                feed = adapter.check_feed({"x": x})
+                run = functools.partial(adapter.run, feed)
+                stats = time_calls(run, warmup=warmup, runs=runs).stats
+            finally:
+                adapter.close()
+            peak = GemmPeak(size, 2 * size**3, stats.runs, stats.p50_ms, stats.min_ms)
+            rates[size] = peak.flops_per_s
+            if best is None or peak.flops_per_s > best.flops_per_s:
+                best = peak
+    return GemmPeak(best.size, best.flops, best.runs, best.p50_ms, best.min_ms, rates)
 
 
 # --- profiling -------------------------------------------------------------------------------
@@ -1173,7 +1197,7 @@ def profile_model(
     budget_s: float | None = None,
     op_runs: int = DEFAULT_OP_RUNS,
     op_point: int = -1,
-    gemm_size: int | None = DEFAULT_GEMM_SIZE,
+    gemm_sizes: int | Sequence[int] | None = DEFAULT_GEMM_SIZES,
     count: bool = True,
     threads: int | None = None,
     accuracy: bool = False,
@@ -1186,10 +1210,12 @@ def profile_model(
 
     ``feeds(point)`` gives the inputs of a point (built once, shared by every target).
     ``op_runs`` profiled runs at ``points[op_point]`` give the per-op breakdown (0: none);
-    ``gemm_size`` None skips the GEMM peak; ``count`` False skips FLOP counting.
+    ``gemm_sizes`` None skips the GEMM peak; ``count`` False skips FLOP counting.
     ``options`` maps a target name to adapter options laid over ``profile_options``.
     """
     check_plan(runs, budget_s, warmup)
+    if runs is None and budget_s is None:
+        budget_s = DEFAULT_BUDGET_S
     if op_runs < 0:
         raise UserError(f"--op-runs must be 0 or more, not {op_runs}", stage="profile")
     model_path = Path(model_path)
@@ -1208,7 +1234,7 @@ def profile_model(
         targets=[],
         sweep=_sweep_of(points),
         plan={"warmup": warmup, "runs": runs, "budget_s": budget_s, "op_runs": op_runs,
-              "gemm_size": gemm_size, "threads": threads, "accuracy": accuracy},
+              "gemm_sizes": gemm_sizes, "threads": threads, "accuracy": accuracy},
         model_bytes=sum(p.stat().st_size for p in model_files(model_path) if p.is_file()),
         model_info=info,
         environment=environment(),
@@ -1243,7 +1269,7 @@ def profile_model(
         report.targets.append(
             _profile_target(model_path, target, opts, points, feed_cache, flop_counts,
                             warmup=warmup, runs=runs, budget_s=budget_s, op_runs=op_runs,
-                            op_point=op_point, gemm_size=gemm_size, prov=prov,
+                            op_point=op_point, gemm_sizes=gemm_sizes, prov=prov,
                             precision=info.get("precision"), adapter_factory=adapter_factory,
                             say=say)
         )
@@ -1285,7 +1311,7 @@ def _count_all(model_path, points, feed_cache, report, say) -> dict[SweepPoint, 
 
 
 def _profile_target(model_path, target, opts, points, feed_cache, flop_counts, *, warmup, runs,
-                    budget_s, op_runs, op_point, gemm_size, prov, precision, adapter_factory,
+                    budget_s, op_runs, op_point, gemm_sizes, prov, precision, adapter_factory,
                     say) -> TargetProfile:
     result = TargetProfile(target.name, target.engine, "ok", options=dict(opts))
     reset = reset_peak_rss()
@@ -1329,14 +1355,14 @@ def _profile_target(model_path, target, opts, points, feed_cache, flop_counts, *
         point = points[op_point]
         result.ops = _op_breakdown(model_path, target, opts, point, feed_cache[point], prov,
                                    warmup, op_runs, result, say)
-    if gemm_size and result.status == "ok":
+    if gemm_sizes and result.status == "ok":
         try:
-            result.gemm_peak = gemm_peak(target, opts, size=gemm_size)
+            result.gemm_peak = gemm_peak(target, opts, sizes=gemm_sizes)
         except UserError as e:
             result.warnings.append(f"GEMM peak not measured: {e}")
         else:
-            say(f"{target.name}: GEMM {gemm_size}^3 peak "
-                f"{result.gemm_peak.flops_per_s / 1e9:.1f} GFLOP/s")
+            say(f"{target.name}: GEMM peak {result.gemm_peak.flops_per_s / 1e9:.1f} GFLOP/s "
+                f"({result.gemm_peak.size}^3)")
             for p in result.points:
                 p.peak_flops_per_s = result.gemm_peak.flops_per_s
     return result

@@ -271,7 +271,7 @@ def render_html(report: ProfileReport, *, top: int = 10,
                     f"{env.get('usable_cpus', '?')} usable CPUs; flags "
                     f"{' '.join(env.get('cpu_flags', []))}; {env.get('platform', '?')}"),
         ("versions", f"python {env.get('python', '?')}, {versions}"),
-        ("method", _method(report)),
+        ("method", report.method()),
         ("created", report.created),
     ]
     out.append("<table>")
@@ -313,14 +313,6 @@ def render_html(report: ProfileReport, *, top: int = 10,
     out.append(f'<details><summary>JSON</summary><pre class="small">{_e(data)}</pre></details>')
     out.append("</body></html>")
     return "\n".join(out) + "\n"
-
-
-def _method(report: ProfileReport) -> str:
-    plan = report.plan
-    how = (f"{plan.get('runs')} timed runs" if plan.get("runs")
-           else f"a {plan.get('budget_s') or 5} s time budget")
-    return (f"{plan.get('warmup')} untimed warm-up runs, then {how} per shape and target; "
-            "session creation timed separately; garbage collector off while timing")
 
 
 def _latency_table(report: ProfileReport) -> str:
