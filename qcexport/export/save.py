@@ -19,6 +19,7 @@ from typing import Any
 
 import onnx
 from qcrun.errors import UserError
+from qcrun.files import _umask
 
 # Protobuf cannot serialise a message of 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -55,10 +56,8 @@ def _fsync_write(path: Path, data: bytes) -> None:
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _stage(path, data)
     try:
-        _fsync_write(Path(tmp), data)
         os.replace(tmp, path)
     except BaseException:  # KeyboardInterrupt included: never leave the temporary behind
         with contextlib.suppress(OSError):
@@ -67,10 +66,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def _stage(path: Path, data: bytes) -> Path:
+    """As ``qcrun.files.stage``, but through ``_fsync_write``, which tests replace to simulate
+    a full disk or Ctrl-C half-way through a write."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         _fsync_write(Path(tmp), data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are for sharing
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

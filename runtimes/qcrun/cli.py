@@ -7,8 +7,6 @@ status 1, without a traceback; any other exception is a bug and keeps its traceb
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import click
@@ -89,15 +87,9 @@ def _read_manifest(model_dir: Path) -> dict:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from qcrun.files import write_atomic
+
+    write_atomic(path, text)
 
 
 @main.command()

@@ -146,7 +146,7 @@ def test_not_a_bundle(tmp_path):
 def test_profile_accepts_a_bundle(bundle_copy, tmp_path):
     report = tmp_path / "profile.json"
     result = invoke("profile", bundle_copy, "--target", "ort-cpu", "--runs", "3", "--warmup",
-                    "1", "--op-runs", "0", "--gemm-size", "0", "--json", report)
+                    "1", "--op-runs", "0", "--gemm-sizes", "0", "--json", report)
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())  # the profile JSON the host can merge
     assert data["model_info"]["mechanism"] == "qformer"
