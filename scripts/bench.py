@@ -96,7 +96,7 @@ class Variant:
         self.name, self.call, self.outputs = name, call, outputs
 
 
-def build_variants(name: str, preset: str, work: Path, tokens: int):
+def build_variants(name: str, preset: str, work: Path, tokens: int, ov_bf16: bool = False):
     spec = mechanisms.get(name)
     config = spec.config(preset)
     module = mechanisms.create(name, preset)
@@ -146,9 +146,11 @@ def build_variants(name: str, preset: str, work: Path, tokens: int):
                 "plain-ort", lambda f: plain.run(None, f),
                 lambda f: dict(zip(names, plain.run(None, f), strict=True)))
     adapters = []
-    for vname, target, opts in (("qc-ort", "ort-cpu", {**ORT_OPTIONS,
-                                                        "intra_op_threads": physical_cores()}),
-                                ("qc-ov", "openvino-cpu", OV_OPTIONS)):
+    paths = [("qc-ort", "ort-cpu", {**ORT_OPTIONS, "intra_op_threads": physical_cores()}),
+             ("qc-ov", "openvino-cpu", OV_OPTIONS)]
+    if ov_bf16:
+        paths.append(("qc-ov-bf16", "openvino-cpu", OV_DEFAULT_OPTIONS))
+    for vname, target, opts in paths:
         try:
             adapter = adapter_for(converted.path, target, **opts).load()
         except Exception as exc:  # recorded; the other variants still run
@@ -159,6 +161,9 @@ def build_variants(name: str, preset: str, work: Path, tokens: int):
     return spec, config, module, feed, converted, variants, adapters, errors
 
 
+#: OpenVINO's own defaults (bf16 inference on AVX512-BF16 / AMX CPUs): --ov-bf16 only, shown
+#: beside the fp32 paths, never counted as one (its outputs fail the fp32 tolerance).
+OV_DEFAULT_OPTIONS = {"accuracy": False, "config": {"PERFORMANCE_HINT": "LATENCY"}}
 OV_OPTIONS = {"accuracy": False,
               "config": {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}}
 ORT_OPTIONS = {"graph_optimization_level": "all"}
@@ -236,6 +241,7 @@ class Gemms:
 
 
 ENGINE_OF = {"eager": "torch", "plain-ort": "onnxruntime", "qc-ort": "onnxruntime",
+             "qc-ov-bf16": "openvino",
              "qc-ov": "openvino"}
 
 
@@ -247,14 +253,14 @@ def bench_mechanism(name: str, args, work_root: Path, gemms: Gemms) -> dict:
     work = work_root / name
     work.mkdir(parents=True, exist_ok=True)
     spec, config, module, feed, converted, variants, adapters, errors = build_variants(
-        name, args.preset, work, args.tokens)
+        name, args.preset, work, args.tokens, args.ov_bf16)
     result = {"mechanism": name, "inputs": {k: list(v.shape) for k, v in feed.items()},
               "fused_attention": converted.fused_found, "errors": errors}
 
     expected = variants["eager"].outputs(feed)
     tolerance = DEFAULT_TOLERANCES["fp32"]
     result["parity"] = {}
-    for vname in [v for v in VARIANTS[1:] if v in variants]:
+    for vname in [v for v in variants if v != "eager"]:
         actual = variants[vname].outputs(feed)
         worst, ok = 0.0, True
         for out, ref in expected.items():
@@ -353,13 +359,14 @@ def report(results: list[dict], env: dict, args) -> str:
                  + ", ".join(f"{k} {statistics.median(v):.1f} ({min(v):.1f}..{max(v):.1f}) "
                              "GFLOP/s" for k, v in rates.items()))
     lines.append("")
-    head = ("mechanism", "GFLOP", "eager ms", "plain-ort ms", "qc-ort ms", "qc-ov ms",
+    shown = list(VARIANTS) + (["qc-ov-bf16"] if args.ov_bf16 else [])
+    head = ("mechanism", "GFLOP", *(f"{v} ms" for v in shown),
             "best", "best/eager", "best/plain", "% peak", "peak GFLOP/s",
             "parity (max abs vs eager)")
     rows = []
     for r in results:
         if "error" in r:
-            rows.append((r["mechanism"], f"FAILED: {r['error']}", *[""] * 10))
+            rows.append((r["mechanism"], f"FAILED: {r['error']}", *[""] * (len(head) - 2)))
             continue
         m = r["median_ms"]
         best = _best(r)
@@ -368,7 +375,7 @@ def report(results: list[dict], env: dict, args) -> str:
                            for n, p in r["parity"].items())
         rows.append((
             r["mechanism"], f"{r['flops'] / 1e9:.2f}" + ("" if r["flops_exact"] else "*"),
-            *(_cell(r, v) for v in VARIANTS), best or "-",
+            *(_cell(r, v) for v in shown), best or "-",
             f"{m['eager'] / m[best]:.2f}x" if best else "-",
             f"{m['plain-ort'] / m[best]:.2f}x" if best and "plain-ort" in m else "-",
             f"{achieved / r['gemm_flops_per_s'][ENGINE_OF[best]]:.0%}" if best else "-",
@@ -466,6 +473,9 @@ def main(argv=None) -> int:
     parser.add_argument("--growth-rounds", type=int, default=5)
     parser.add_argument("--growth-iters", type=int, default=2)
     parser.add_argument("--no-growth", action="store_true")
+    parser.add_argument("--ov-bf16", action="store_true",
+                        help="also time OpenVINO with its own defaults (bf16 on AVX512-BF16/AMX "
+                        "CPUs), shown beside the fp32 paths and not counted as one")
     parser.add_argument("--gemm-sizes", default="1024,1536,2048",
                         help="n of the n^3 MatMuls that measure each engine's peak")
     parser.add_argument("--quick", action="store_true",
