@@ -419,6 +419,7 @@ class OpenVinoAdapter(Adapter):
         inputs, self._in_ports = _match_ports(model.inputs, compiled.inputs)
         outputs, self._out_ports = _match_ports(model.outputs, compiled.outputs)
         self._compiled, self._request = compiled, compiled.create_infer_request()
+        self.read_model = model  # the model as read, for tools that map nodes back (profile)
         return inputs, outputs
 
     def _run(self, feed):

@@ -51,7 +51,6 @@ from qcrun.adapters import (
     OrtAdapter,
     RunFailed,
     TargetUnavailable,
-    _match_ports,
     adapter_for,
 )
 from qcrun.errors import UserError
@@ -1044,16 +1043,6 @@ class OvProfilingAdapter(OpenVinoAdapter):
     def _config(self):
         return {**super()._config(), "PERF_COUNT": True}
 
-    def _load(self):
-        ov = import_engine("openvino")
-        core = ov.Core()
-        model = core.read_model(str(self.model_path))
-        compiled = core.compile_model(model, self.target.device, self._config())
-        inputs, self._in_ports = _match_ports(model.inputs, compiled.inputs)
-        outputs, self._out_ports = _match_ports(model.outputs, compiled.outputs)
-        self._compiled, self._request = compiled, compiled.create_infer_request()
-        self.read_model = model
-        return inputs, outputs
 
     def _close(self):
         super()._close()
