@@ -179,6 +179,11 @@ def peak_rss_bytes() -> int | None:
     return peak if platform.system() == "Darwin" else peak * 1024
 
 
+def _max_known(*values: int | None) -> int | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False if refused,
     in which case ``peak_rss_bytes`` keeps meaning the peak since the process started."""
@@ -1043,7 +1048,6 @@ class OvProfilingAdapter(OpenVinoAdapter):
     def _config(self):
         return {**super()._config(), "PERF_COUNT": True}
 
-
     def _close(self):
         super()._close()
         self.read_model = None
@@ -1329,7 +1333,9 @@ def _profile_target(model_path, target, opts, points, feed_cache, flop_counts, *
     result.memory = {
         "rss_before_load_bytes": rss_before,
         "rss_after_load_bytes": rss_loaded,
-        "peak_rss_bytes": peak_rss_bytes(),
+        # The kernel folds per-thread RSS counters into the high-water mark lazily, so the
+        # mark can trail an RSS read a moment earlier: the peak is at least every RSS we saw.
+        "peak_rss_bytes": _max_known(peak_rss_bytes(), rss_loaded, current_rss_bytes()),
         "peak_scope": "since this target's load" if reset else "process lifetime",
     }
     if target.engine == "openvino":
