@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test bench bench-export bench-precision clean
 
 $(STAMP): pyproject.toml runtimes/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python scripts/bench.py
+
+bench-export: $(STAMP)
 	$(BIN)/python scripts/bench_export.py
+
+bench-precision: $(STAMP)
+	$(BIN)/python scripts/bench_precision.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
