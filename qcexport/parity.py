@@ -10,17 +10,17 @@ graph it would really be given.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from qcrun.errors import UserError
+from qcrun.files import read_model_dir
 from qcrun.golden import GoldenSet, load_golden
 from qcrun.parity import ParityReport, TolerancePolicy, environment, kernel_parity, run_parity
 from qcrun.targets import availability, get_target
 
 from qcexport import mechanisms
-from qcexport.export.pipeline import MANIFEST_FILE, MODEL_FILE, convert
+from qcexport.export.pipeline import MODEL_FILE, convert
 from qcexport.golden import eager_drift, golden_dir, module_from_golden
 
 
@@ -38,12 +38,7 @@ class ParityRun:
 
 
 def read_model_manifest(model_dir: Path) -> dict:
-    path = model_dir / MANIFEST_FILE
-    if not (model_dir / MODEL_FILE).is_file() or not path.is_file():
-        raise UserError(f"{model_dir} is not an exported model directory (it needs "
-                        f"{MODEL_FILE} and {MANIFEST_FILE})", stage="parity",
-                        hint="pass the output directory of `qcexport convert`, or a mechanism name")
-    return json.loads(path.read_text())
+    return read_model_dir(model_dir, stage="parity")
 
 
 def parity_for_model_dir(
@@ -73,6 +68,7 @@ def parity_for_mechanism(
     name: str, preset: str, targets: list[str], *, work_dir: Path,
     golden: Path | None = None, require=(),
 ) -> ParityRun:
+    mechanisms.get(name)  # neither a model directory nor a mechanism: list the valid names
     gset = load_golden(golden or golden_dir(name, preset), mechanism=name, preset=preset)
     drift = eager_drift(gset)
     profiles = [get_target(t) for t in targets]

@@ -13,30 +13,18 @@ from pathlib import Path
 
 import click
 import numpy as np
-from qcrun.cli import MANIFEST_FILE, MODEL_FILE, execute_profile, profile_options
+from qcrun.cli import execute_profile, profile_options
 from qcrun.errors import UserError
 
 
 def _read_manifest(model_dir: Path) -> dict:
-    import json
+    from qcrun.files import read_model_dir
 
-    path = model_dir / MANIFEST_FILE
-    if not model_dir.is_dir() or not path.is_file():
-        raise UserError(
-            f"{model_dir} is not an exported model directory (it needs {MODEL_FILE} and "
-            f"{MANIFEST_FILE})",
-            stage="profile",
-            hint="pass the output directory of `qcexport convert`, e.g. out/qformer-base",
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"model manifest {path} is not valid JSON: {e}", stage="profile") from None
-    model = model_dir / manifest.get("model", MODEL_FILE)
-    if not model.is_file():
-        raise UserError(f"{model} does not exist", stage="profile",
-                        hint="re-export the model with `qcexport convert`")
-    return manifest
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir} is not an exported model directory", stage="profile",
+                        hint="pass the output directory of `qcexport convert`, e.g. "
+                        "out/qformer-base")
+    return read_model_dir(model_dir, stage="profile")
 
 
 def spec_feeds(manifest: dict):

@@ -66,24 +66,9 @@ def targets(as_json: bool):
 
 
 def _read_manifest(model_dir: Path) -> dict:
-    path = model_dir / MANIFEST_FILE
-    if not (model_dir / MODEL_FILE).is_file() or not path.is_file():
-        raise UserError(
-            f"{model_dir} is not an exported model directory (it needs {MODEL_FILE} and "
-            f"{MANIFEST_FILE})",
-            hint="pass the output directory of `qcexport convert`",
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"model manifest {path} is not valid JSON: {e}") from None
-    missing = [k for k in ("mechanism", "preset", "precision") if k not in manifest]
-    if missing:
-        raise UserError(
-            f"model manifest {path} lacks {', '.join(missing)}",
-            hint="re-export the model with `qcexport convert`",
-        )
-    return manifest
+    from qcrun.files import read_model_dir
+
+    return read_model_dir(model_dir, required=("mechanism", "preset", "precision"))
 
 
 def _write_atomic(path: Path, text: str) -> None:

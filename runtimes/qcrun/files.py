@@ -48,3 +48,36 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+
+
+def read_model_dir(model_dir: str | os.PathLike, *, stage: str | None = None,
+                   required: tuple[str, ...] = ()) -> dict:
+    """The manifest of an exported model directory (``model.onnx`` + ``manifest.json``),
+    or a UserError saying what is missing or unreadable. ``required``: keys it must have."""
+    import json
+
+    from qcrun.errors import UserError
+
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise UserError(f"{model_dir} is not an exported model directory (it needs "
+                        f"{MODEL_FILE} and {MANIFEST_FILE})", stage=stage,
+                        hint="pass the output directory of `qcexport convert`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"model manifest {path} is not valid JSON: {e}", stage=stage) from None
+    model = model_dir / manifest.get("model", MODEL_FILE)
+    if not model.is_file():
+        raise UserError(f"{model} does not exist", stage=stage,
+                        hint="re-export the model with `qcexport convert`")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise UserError(f"model manifest {path} lacks {', '.join(missing)}", stage=stage,
+                        hint="re-export the model with `qcexport convert`")
+    return manifest
