@@ -18,10 +18,15 @@ prove it is still right (the format is ``qcrun.bundle``'s, which reads it):
 5. provenance: mechanism, config, weights hash, toolkit and exporter versions, and the parity
    records of the bundled model on every host target that can run it -- a model that fails
    on the host is not bundled;
-6. ``bundle.json`` with the sha256 of every file (and of itself).
+6. ``bundle.json`` with the sha256 of every file (and of itself), and with ``sign`` an
+   Ed25519 signature of it (``bundle.sig``), which lets a device trust the recorded policy.
 
 Nothing is written until everything passed; the bundle directory is renamed into place, an
-archive is written under a temporary name and renamed.
+archive is written under a temporary name and renamed. An existing output is replaced only
+when it is provably a bundle this tool wrote (``qcrun.bundle.foreign_content``: every file in
+it listed in its bundle.json with that content); anything else, e.g. a file the user added to
+an older bundle, is a refusal naming it, never a deletion. A write that fails (a full disk)
+leaves the old output as it was and no temporary behind.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
-import json
 import os
 import shutil
 import tempfile
@@ -41,10 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from qcrun import bundle as fmt
+from qcrun import signing
 from qcrun.errors import UserError, unknown_choice
+from qcrun.files import ModelDir, manifest_json, read_model_dir, write_atomic
 from qcrun.golden import MANIFEST as GOLDEN_MANIFEST
-from qcrun.golden import GoldenSet, file_sha256, load_golden
-from qcrun.parity import ParityReport, TolerancePolicy, environment, run_parity
+from qcrun.golden import GoldenSet, SubsetOf, file_sha256, golden_manifest_json, load_golden
+from qcrun.parity import ParityReport, TolerancePolicy, environment, policy_for, run_parity
+from qcrun.schema import dump, inside
 from qcrun.targets import (
     Target,
     axis_ranges_from_shapes,
@@ -54,7 +61,6 @@ from qcrun.targets import (
 )
 
 from qcexport.export.pipeline import MANIFEST_FILE, MODEL_FILE
-from qcexport.export.save import write_json_atomic
 
 StageCallback = Callable[[str, float, str], None]
 #: Not a host parity target by default: a slow pure-Python second opinion, not a runtime.
@@ -70,6 +76,7 @@ class BundleResult:
     rebuilt: str | None  # why the model was exported again or quantized; None: copied as is
     host_parity: ParityReport
     timings: dict[str, float] = field(default_factory=dict)
+    signed_by: str | None = None  # key id of the signature in bundle.sig; None: unsigned
 
     @property
     def files(self) -> dict[str, dict[str, Any]]:
@@ -116,18 +123,17 @@ def output_paths(output: str | Path, archive: bool) -> tuple[Path, str]:
 
 
 def _check_output(final: Path, archive: bool) -> None:
-    """Refuse, before any work, to replace anything that is not a bundle of ours."""
-    if archive:
-        if final.is_dir():
-            raise UserError(f"{final} is a directory", stage="bundle",
-                            hint="pass another -o for the archive")
-    elif final.exists():
-        if not final.is_dir():
-            raise UserError(f"{final} exists and is a file", stage="bundle",
-                            hint="pass another -o (a directory name, e.g. NAME.bundle)")
-        if any(final.iterdir()) and not (final / fmt.BUNDLE_MANIFEST).is_file():
-            raise UserError(f"{final} exists and is not a bundle; refusing to replace it",
-                            stage="bundle", hint="pass another -o, or remove it first")
+    """Refuse, before any work, to replace anything that is not provably a bundle of ours."""
+    if final.is_symlink():
+        raise UserError(f"{final} is a symbolic link; refusing to replace it", stage="bundle",
+                        hint="pass another -o")
+    if archive and final.is_dir():
+        raise UserError(f"{final} is a directory", stage="bundle",
+                        hint="pass another -o for the archive")
+    if not archive and final.exists() and not final.is_dir():
+        raise UserError(f"{final} exists and is a file", stage="bundle",
+                        hint="pass another -o (a directory name, e.g. NAME.bundle)")
+    _require_replaceable(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=final.parent, prefix=".qcexport-probe-"):
@@ -135,6 +141,29 @@ def _check_output(final: Path, archive: bool) -> None:
     except OSError as e:
         raise UserError(f"cannot write to {final.parent}: {e.strerror or e}", stage="bundle",
                         hint="choose a writable -o") from e
+
+
+def _require_replaceable(final: Path) -> None:
+    """Nothing at ``final``, an empty directory, or a bundle of ours, unchanged: else refuse,
+    naming what would be lost."""
+    if not final.exists() or (final.is_dir() and not any(final.iterdir())):
+        return
+    is_bundle, foreign = fmt.foreign_content(final)
+    if not is_bundle:
+        raise UserError(
+            f"{final} exists and is not a bundle; refusing to replace it ({'; '.join(foreign)})",
+            stage="bundle",
+            hint="pass another -o, or move it away yourself: qcexport replaces only a bundle "
+            "it wrote")
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f", and {len(foreign) - 8} more"
+                                          if len(foreign) > 8 else "")
+        raise UserError(
+            f"{final} is a bundle, but holds what qcexport did not write there: {shown}; "
+            "refusing to replace it (that would delete them)",
+            stage="bundle",
+            hint=f"move those files out of {final} (or pass another -o); a bundle is replaced "
+            "only when every file in it is one bundle.json lists, with that content")
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -152,6 +181,8 @@ def make_bundle(
     profile_shapes: Mapping[str, Sequence[int]] | None = None,
     host_targets: Sequence[str] | None = None,
     on_stage: StageCallback | None = None,
+    sign: str | Path | None = None,
+    policy_file: str | Path | None = None,
 ) -> BundleResult:
     """Build a bundle of ``model_dir`` for ``target``; see the module docstring.
 
@@ -160,7 +191,9 @@ def make_bundle(
     into a temporary directory when there is none, e.g. for ``base``). ``cases``: every case
     (None), the first N, or case names. ``profile_shapes`` widens the TensorRT ranges per
     axis. ``host_targets``: where to run host parity (default: every target here that can run
-    the bundle, except onnx-reference).
+    the bundle, except onnx-reference). ``sign``: an Ed25519 private key (PEM) to sign the
+    bundle with. ``policy_file``: the tolerance policy of the host parity run and the one the
+    bundle records (default qcrun's built-in policy; a model's manifest never sets it).
     """
     model_dir = Path(model_dir)
     timings: dict[str, float] = {}
@@ -177,9 +210,11 @@ def make_bundle(
             on_stage(name, timings[name], detail(result))
         return result
 
-    manifest = _read_model_manifest(model_dir)
+    source_dir = _read_model_dir(model_dir)
+    manifest = dump(source_dir.manifest)
     t = get_target(target)
     precision = precision or manifest["precision"]
+    key = signing.load_private_key(sign) if sign is not None else None
     from qcexport.optimize import PRECISIONS, check_target_precision
 
     if precision not in PRECISIONS:
@@ -187,6 +222,7 @@ def make_bundle(
     check_target_precision(t.name, precision)
     final, name = output_paths(output or f"{model_dir.name}-{t.name}.bundle", archive)
     _check_output(final, archive)
+    policy = _materialised_policy(policy_for(precision, policy_file=policy_file))
 
     with tempfile.TemporaryDirectory(prefix="qcexport-bundle-") as tmp:
         work = Path(tmp)
@@ -198,18 +234,19 @@ def make_bundle(
         model_src, rebuilt = stage(
             "model", _model_for_target, model_dir, manifest, module, t, precision, work,
             detail=lambda r: r[1] or "copied as exported")
-        model_manifest = json.loads((model_src / MANIFEST_FILE).read_text())
+        model = source_dir if model_src == model_dir else _read_model_dir(model_src)
+        model_manifest = dump(model.manifest)
 
-        staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+        staging = None
         try:
-            _copy_model(model_src, model_manifest, staging)
+            staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+            _copy_model(model, staging)
             subset = stage("subset", _golden_subset, gset, cases, staging / fmt.GOLDEN_DIR,
                            detail=lambda g: ", ".join(c.name for c in g.cases))
             ranges = stage("profile", _profile_ranges, model_manifest, subset, t,
                            profile_shapes or {},
                            detail=lambda r: ", ".join(f"{a}={'/'.join(map(str, v))}"
                                                       for a, v in r.items()))
-            policy = _materialised_policy(model_manifest)
             report = stage("parity", _host_parity, staging / MODEL_FILE, subset, model_manifest,
                            policy, precision, t, host_targets,
                            detail=lambda r: f"{r.counts()['pass']} passed, "
@@ -218,35 +255,27 @@ def make_bundle(
             bundle_manifest = _bundle_manifest(
                 name, t, precision, model_manifest, manifest, model_dir, ranges, policy,
                 subset, gset, golden_note, rebuilt, report)
-            written = stage("write", _finish, staging, bundle_manifest, final, archive, name,
-                            detail=lambda _: str(final))
+            written, signed_by = stage("write", _finish, staging, bundle_manifest, final,
+                                       archive, name, key, detail=lambda _: str(final))
+        except OSError as e:  # a full disk, a quota, a read-only place: the old output stays
+            raise UserError(
+                f"writing the bundle failed: {e.strerror or e}; "
+                + (f"{final} was not replaced (it is as it was)" if final.exists()
+                   else f"nothing was written to {final}"),
+                stage="bundle",
+                hint=f"free space in {final.parent} (or pass another -o) and run it again",
+            ) from None
         finally:
-            if staging.exists():
+            if staging is not None and staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-    return BundleResult(final, written, rebuilt, report, timings)
+    return BundleResult(final, written, rebuilt, report, timings, signed_by)
 
 
-def _read_model_manifest(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / MANIFEST_FILE
-    if not (model_dir / MODEL_FILE).is_file() or not path.is_file():
-        raise UserError(f"{model_dir} is not an exported model directory (it needs {MODEL_FILE} "
-                        f"and {MANIFEST_FILE})", stage="bundle",
-                        hint="pass the output directory of `qcexport convert`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"model manifest {path} is not valid JSON: {e}", stage="bundle") from None
-    missing = [k for k in ("mechanism", "precision", "attention", "opset", "inputs", "outputs")
-               if k not in manifest]
-    if missing:
-        raise UserError(f"model manifest {path} lacks {', '.join(missing)}", stage="bundle",
-                        hint="re-export the model with `qcexport convert`")
-    actual = file_sha256(model_dir / MODEL_FILE)
-    if manifest.get("model_sha256") and manifest["model_sha256"] != actual:
-        raise UserError(f"{model_dir / MODEL_FILE} has sha256 {actual} but its manifest records "
-                        f"{manifest['model_sha256']}: the model was changed after export",
-                        stage="bundle", hint="re-export it with `qcexport convert`")
-    return manifest
+def _read_model_dir(model_dir: Path) -> ModelDir:
+    """The checked model directory (types, paths, every file's hash, the graph's precision),
+    with what a bundle needs of its manifest."""
+    return read_model_dir(model_dir, stage="bundle",
+                          required=("mechanism", "attention", "opset"))
 
 
 def _builtin(manifest: Mapping[str, Any]) -> bool:
@@ -390,9 +419,14 @@ def _reexport(manifest, module, target: Target, out: Path) -> Path:
     return result.path.parent
 
 
-def _copy_model(src: Path, manifest: Mapping[str, Any], staging: Path) -> None:
-    for name in manifest.get("files") or [MODEL_FILE]:
-        shutil.copyfile(src / name, staging / name)
+def _copy_model(model: ModelDir, staging: Path) -> None:
+    """The model and the files it reads (external data), each checked to lie inside the
+    model directory, into the same relative places in ``staging``."""
+    where = f"model manifest {model.path / MANIFEST_FILE}"
+    for name in (model.manifest.model, *model.manifest.files_sha256):
+        source = inside(model.path, name, where=where, field="file", stage="bundle")
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, staging / name)
         os.chmod(staging / name, 0o644)
 
 
@@ -415,15 +449,18 @@ def _golden_subset(gset: GoldenSet, cases, out: Path) -> GoldenSet:
             if case not in names:
                 raise unknown_choice("golden case", case, names, flag="--cases")
     out.mkdir(parents=True)
-    entries = [e for e in gset.manifest["cases"] if e["name"] in chosen]
+    entries = [e for e in gset.manifest.cases if e.name in chosen]
+    where = f"golden manifest {gset.path / GOLDEN_MANIFEST}"
     for entry in entries:
-        shutil.copyfile(gset.path / entry["file"], out / entry["file"])
-        os.chmod(out / entry["file"], 0o644)
-    source_weights = (gset.manifest.get("weights") or {}).get("sha256")
-    manifest = {k: v for k, v in gset.manifest.items() if k != "weights"}
-    manifest["cases"] = entries
-    manifest["subset_of"] = {"cases": names, "weights_file_sha256": source_weights}
-    write_json_atomic(out / GOLDEN_MANIFEST, manifest)
+        source = inside(gset.path, entry.file, where=where, field="case file", stage="bundle")
+        (out / entry.file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, out / entry.file)
+        os.chmod(out / entry.file, 0o644)
+    weights = gset.manifest.weights
+    manifest = dataclasses.replace(
+        gset.manifest, weights=None, cases=entries,
+        subset_of=SubsetOf(cases=names, weights_file_sha256=weights.sha256 if weights else None))
+    write_atomic(out / GOLDEN_MANIFEST, golden_manifest_json(manifest))
     os.chmod(out / GOLDEN_MANIFEST, 0o644)
     return load_golden(out, mechanism=gset.mechanism, preset=gset.preset)
 
@@ -460,10 +497,10 @@ def _profile_ranges(manifest, subset: GoldenSet, target: Target, widen
     return {axis: tuple(ranges[axis]) for axis in axes if axis in ranges}
 
 
-def _materialised_policy(manifest) -> TolerancePolicy:
-    """The model's policy with every target profile's overrides written in: the bundle then
-    judges with these numbers on any qcrun version (``use_target_profiles`` off)."""
-    base = TolerancePolicy.from_dict(manifest.get("tolerances") or {})
+def _materialised_policy(base: TolerancePolicy) -> TolerancePolicy:
+    """The host's policy with every target profile's overrides written in: a device that
+    trusts the bundle's signature then judges with these numbers on any qcrun version
+    (``use_target_profiles`` off)."""
     targets = {name: {s: dict(f) for s, f in scopes.items()}
                for name, scopes in base.targets.items()}
     for t in list_targets():
@@ -520,7 +557,7 @@ def _write_model_manifest(staging: Path, manifest, target: Target, policy) -> No
     data = dict(manifest)
     data.update({"golden": fmt.GOLDEN_DIR, "tolerances": policy.to_dict(), "target": target.name,
                  "model": MODEL_FILE})
-    write_json_atomic(staging / MANIFEST_FILE, data)
+    write_atomic(staging / MANIFEST_FILE, manifest_json(data))
     os.chmod(staging / MANIFEST_FILE, 0o644)
 
 
@@ -579,10 +616,11 @@ def _bundle_manifest(name, target: Target, precision, model_manifest, source_man
             },
             "golden": {
                 "source": golden_note,
-                "writer": gset.manifest.get("writer"),
-                "seed": gset.manifest.get("seed"),
-                "versions": gset.manifest.get("versions"),
-                "weights_file_sha256": (gset.manifest.get("weights") or {}).get("sha256"),
+                "writer": gset.manifest.writer,
+                "seed": gset.manifest.seed,
+                "versions": gset.manifest.versions,
+                "weights_file_sha256": (gset.manifest.weights.sha256
+                                        if gset.manifest.weights else None),
                 "cases": [c.name for c in subset.cases],
                 "of": [c.name for c in gset.cases],
             },
@@ -593,19 +631,30 @@ def _bundle_manifest(name, target: Target, precision, model_manifest, source_man
     }
 
 
-def _finish(staging: Path, manifest, final: Path, archive: bool, name: str) -> dict[str, Any]:
-    """bundle.json with every file's hash; then the archive, or the directory renamed into
-    place (an older bundle there is replaced only once the new one is complete)."""
+def _finish(staging: Path, manifest, final: Path, archive: bool, name: str, key
+            ) -> tuple[dict[str, Any], str | None]:
+    """bundle.json with every file's hash, signed with ``key`` when given; then the archive,
+    or the directory renamed into place. An older bundle there is replaced only once the new
+    one is complete, and only if it is still provably ours (checked again: the build took a
+    while, and someone may have put a file into it meanwhile)."""
     os.chmod(staging, 0o755)
     for directory in (p for p in staging.rglob("*") if p.is_dir()):
         os.chmod(directory, 0o755)
     written = fmt.write_manifest(staging, manifest)
-    check = fmt.verify_bundle(staging)  # what the device will do, before it leaves the host
+    signed_by = None
+    if key is not None:
+        signed_by = fmt.write_signature(staging, key).key_id
+        os.chmod(staging / fmt.SIGNATURE_FILE, 0o644)
+    with fmt.open_bundle(staging) as bundle:  # what the device will do, before it leaves
+        check = bundle.verify()
+        if key is not None:
+            bundle.authenticate(trusted_keys=[key.public_key()])
     if not check.ok or check.extra:
         raise RuntimeError(f"freshly written bundle does not verify: {check.to_dict()}")
+    _require_replaceable(final)
     if archive:
         fmt.pack_archive(staging, final, arcname=name)
-        return written
+        return written, signed_by
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -618,4 +667,4 @@ def _finish(staging: Path, manifest, final: Path, archive: bool, name: str) -> d
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    return written
+    return written, signed_by

@@ -19,6 +19,7 @@ from qcrun.errors import UserError
 from qcrun.targets import target_names
 
 ATTENTION_CHOICES = ("auto", "onnx", "ort", "decomposed")
+DEFAULT_PARITY_TARGETS = ("ort-cpu", "openvino-cpu", "onnx-reference")
 
 
 @click.group(cls=UserErrorGroup)
@@ -32,9 +33,15 @@ def main():
 
 @main.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print plain JSON.")
-def list_command(as_json: bool):
+@click.option("--hf", "hf", is_flag=True,
+              help="List the Hugging Face components (convert --hf PATH --component NAME).")
+def list_command(as_json: bool, hf: bool):
     """The mechanisms, their presets, parameter counts, inputs and dynamic axes."""
     from qcexport import mechanisms
+
+    if hf:
+        _list_hf(as_json)
+        return
 
     rows = [mechanisms.describe(name) for name in mechanisms.names()]
     if as_json:
@@ -50,6 +57,25 @@ def list_command(as_json: bool):
         )
         click.echo(f"{'':<20} inputs: {', '.join(row['inputs'])}  dynamic: {axes}")
         click.echo(f"{'':<20} outputs: {', '.join(row['outputs'])}  ({row['source']})")
+
+
+def _list_hf(as_json: bool) -> None:
+    from qcexport.hf import describe
+
+    rows = describe()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']:<22} {row['class']} (from {'/'.join(row['model_types'])} "
+                   "models)")
+        click.echo(f"{'':<22} {row['summary']}")
+        axes = "; ".join(f"{name}[{', '.join(f'{a}:{n}' for a, n in ax.items())}]"
+                         for name, ax in row["dynamic_axes"].items())
+        click.echo(f"{'':<22} inputs: {', '.join(row['inputs'])}  dynamic: {axes}")
+        click.echo(f"{'':<22} outputs: {', '.join(row['outputs'])}")
+    click.echo("\nqcexport convert --hf PATH_OR_ID --component NAME  (needs pip install "
+               "'qcexport[hf]')")
 
 
 def _count(n: int) -> str:
@@ -80,16 +106,24 @@ def _count(n: int) -> str:
               "`qcexport inspect` and `qcrun inspect`; the regular outputs are unchanged.")
 @click.option("--map-heads", type=click.Choice(["mean", "each"]), default="mean",
               show_default=True, help="With --with-attention-maps: averaged over heads or per head.")
+@click.option("--outputs", "outputs", default=None, metavar="A,B",
+              help="With --module: keep only these outputs (by path name, e.g. "
+              "last_hidden_state,hidden_states.3; default: every tensor the module returns).")
+@click.option("--hf", "hf_path", metavar="PATH_OR_ID",
+              help="Convert a Hugging Face component (with --component) from a save_pretrained "
+              "directory or hub id.")
+@click.option("--component", default=None,
+              help="With --hf: the component to take (qcexport list --hf).")
 def convert(name, all_, factory, preset, target, attention, opset, precision, output, as_json,
-            with_maps, map_heads):
-    """Export NAME (or --all, or --module) to ONNX, lowered, simplified, checked and verified."""
+            with_maps, map_heads, outputs, hf_path, component):
+    """Export NAME (or --all, --module, --hf) to ONNX, lowered, simplified, checked, verified."""
     from qcexport import mechanisms
     from qcexport.export import convert as convert_module
     from qcexport.export import convert_mechanism
 
-    chosen = sum(bool(x) for x in (name, all_, factory))
+    chosen = sum(bool(x) for x in (name, all_, factory, hf_path))
     if chosen != 1:
-        raise UserError("give exactly one of NAME, --all or --module",
+        raise UserError("give exactly one of NAME, --all, --module or --hf",
                         hint=f"e.g. `qcexport convert qformer`; mechanisms: {', '.join(mechanisms.names())}")
     from qcrun.errors import unknown_choice
 
@@ -105,17 +139,31 @@ def convert(name, all_, factory, preset, target, attention, opset, precision, ou
     progress = None if as_json else _progress
     results: list[dict[str, Any]] = []
     failures: list[str] = []
-    if factory and with_maps:
+    custom = factory or hf_path
+    if component and not hf_path:
+        raise UserError("--component goes with --hf", hint="e.g. --hf DIR --component qformer")
+    if custom and with_maps:
         raise UserError("--with-attention-maps works with the built-in mechanisms, not --module",
                         hint="drop --with-attention-maps, or return maps as outputs of your module")
-    if factory:
-        module, example, axes = load_factory(factory)
-        out = Path(output or "out/custom")
-        _header(f"{factory} -> {out}", as_json)
-        result = convert_module(module, example, axes, target=target, attention=attention,
-                                opset=opset, output_dir=out / "fp32" if reduced else out,
-                                on_stage=progress,
-                                metadata={"mechanism": "custom", "factory": factory})
+    if outputs and not custom:
+        raise UserError("--outputs selects outputs of your own module (--module)",
+                        hint="drop --outputs; a mechanism's outputs come from its spec")
+    if custom:
+        out = Path(output or (f"out/{component}" if hf_path else "out/custom"))
+        options = dict(target=target, attention=attention, opset=opset, on_stage=progress,
+                       output_dir=out / "fp32" if reduced else out,
+                       output_names=_name_list(outputs))
+        if hf_path:
+            from qcexport import hf
+
+            comp = load_hf(hf_path, component)
+            _header(f"{hf_path} ({component}) -> {out}", as_json)
+            result = hf.convert(None, comp, **options)
+        else:
+            module, example, axes = load_factory(factory)
+            _header(f"{factory} -> {out}", as_json)
+            result = convert_module(module, example, axes, **options,
+                                    metadata={"mechanism": "custom", "factory": factory})
         results.append(_summary(result, as_json))
         if reduced:
             results[-1]["precision"] = _reduce(result.path.parent, precision, out, as_json)
@@ -197,7 +245,11 @@ def _summary(result, as_json: bool) -> dict[str, Any]:
         "path": str(result.path),
         "attention": result.attention,
         "opset": result.opset,
-        "fused_attention": {"expected": result.fused_expected, "found": result.fused_found},
+        "fused_attention": {"expected": result.fused_expected, "found": result.fused_found,
+                            "sdpa_calls": result.sdpa_calls},
+        "attention_report": result.describe_attention(),
+        "outputs": result.output_names,
+        "constants": result.constants,
         "verification": [dataclasses.asdict(r) for r in result.verification],
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
         "warnings": result.warnings,
@@ -205,10 +257,11 @@ def _summary(result, as_json: bool) -> dict[str, Any]:
     }
     if as_json:
         return data
-    fused = (f"{result.fused_found} of {result.fused_expected} fused {result.attention!r} "
-             "attention nodes" if result.attention != "decomposed"
-             else "attention decomposed to MatMul/Softmax")
-    click.echo(f"  model     {result.path}  (opset {result.opset}, {fused})")
+    click.echo(f"  model     {result.path}  (opset {result.opset})")
+    click.echo(f"  attention {result.describe_attention()}")
+    click.echo(f"  outputs   {', '.join(result.output_names)}")
+    if result.constants:
+        click.echo("  fixed     " + ", ".join(f"{k}={v!r}" for k, v in result.constants.items()))
     for r in result.verification:
         verdict = "ok" if r.passed else "FAIL"
         click.echo(f"  verify    {r.case:<16} {r.output:<16} {str(r.shape):<14} "
@@ -218,8 +271,12 @@ def _summary(result, as_json: bool) -> dict[str, Any]:
     return data
 
 
-def load_factory(spec: str):
-    """Import ``package.module:factory`` and call it: (module, example_inputs, dynamic_axes)."""
+def load_factory(spec: str, *, with_cases: bool = False):
+    """Import ``package.module:factory`` and call it: (module, example_inputs, dynamic_axes).
+
+    The factory may return a fourth item, its golden cases (``{name: inputs}``, ``[(name,
+    inputs)]`` or a callable giving either); ``with_cases`` returns it too (None if absent).
+    """
     if ":" not in spec:
         raise UserError(f"--module {spec!r} is not of the form package.module:factory",
                         stage="load", hint="e.g. --module mypkg.models:make_resampler")
@@ -227,7 +284,7 @@ def load_factory(spec: str):
     sys.path.insert(0, str(Path.cwd()))
     try:
         mod = importlib.import_module(mod_name)
-    except Exception as exc:  # any import failure is the user's module failing to import
+    except (Exception, SystemExit) as exc:  # the user's module failing to import, or exiting
         raise UserError(f"cannot import {mod_name!r}: {type(exc).__name__}: {exc}", stage="load",
                         hint="check the module path and that it imports on its own "
                         f"(python -c 'import {mod_name}')") from exc
@@ -239,16 +296,35 @@ def load_factory(spec: str):
                         hint="name a function that returns (module, example_inputs, dynamic_axes)")
     try:
         made = factory()
+    except SystemExit as exc:  # sys.exit() in a factory must not end qcexport silently
+        raise UserError(f"{spec}() called sys.exit({exc.code!r}) instead of returning",
+                        stage="load", hint="return (module, example_inputs, dynamic_axes) from "
+                        "the factory; raise an exception to report a problem") from exc
     except Exception as exc:  # the user's factory: report, do not crash
         raise UserError(f"{spec}() raised {type(exc).__name__}: {exc}", stage="load",
                         hint="fix the factory; it is called with no arguments") from exc
     import torch
 
+    cases = None
+    if isinstance(made, tuple) and len(made) == 4:
+        made, cases = made[:3], made[3]
     if not (isinstance(made, tuple) and len(made) == 3 and isinstance(made[0], torch.nn.Module)
             and isinstance(made[1], dict)):
+        # non-tensor values in the inputs are constants fixed at export (e.g. return_dict=True)
         raise UserError(f"{spec}() must return (nn.Module, {{input name: tensor}}, dynamic_axes)",
-                        stage="load", hint="return a 3-tuple")
-    return made
+                        stage="load", hint="return a 3-tuple (or a 4-tuple with golden cases)")
+    axes = made[2]
+    if axes is not None and not (
+        isinstance(axes, dict)
+        and all(isinstance(k, str) and isinstance(v, dict) for k, v in axes.items())
+        and all(isinstance(a, int) and not isinstance(a, bool) and isinstance(n, str)
+                for v in axes.values() for a, n in v.items())
+    ):
+        raise UserError(f"{spec}() returned dynamic_axes of type {type(axes).__name__}: "
+                        f"{str(axes)[:200]}", stage="load",
+                        hint="return dynamic_axes as {input or output name: {axis index: "
+                        "symbolic name}}, e.g. {'x': {0: 'batch', 1: 'tokens'}}, or None")
+    return (*made, cases) if with_cases else made
 
 
 
@@ -294,19 +370,103 @@ def quantize(model_dir, precision, calibration_file, calibration_cases, method, 
 @click.option("--update", is_flag=True, help="Allow changing stored golden outputs.")
 @click.option("--root", type=click.Path(file_okay=False), default=None,
               help="Golden root directory (default: the repository's golden/).")
-def golden(name, all_, preset, update, root):
-    """Write or refresh the golden set of NAME from PyTorch eager."""
+@click.option("--module", "factory", metavar="PKG.MOD:FACTORY",
+              help="Your own module, as for convert; a 4th item FACTORY() returns are its cases.")
+@click.option("--hf", "hf_path", metavar="PATH_OR_ID",
+              help="A Hugging Face save_pretrained directory (or hub id), with --component.")
+@click.option("--component", default=None, help="With --hf: which component (qcexport list --hf).")
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None,
+              help="With --module or --hf: the golden set's directory (new, empty or a set).")
+@click.option("--outputs", "outputs", default=None, metavar="A,B",
+              help="With --module or --hf: the outputs to keep, as given to convert.")
+@click.option("--seed", default=0, show_default=True,
+              help="With --module or --hf: offset of the seeds the cases are drawn with.")
+def golden(name, all_, preset, update, root, factory, hf_path, component, output, outputs, seed):
+    """Write or refresh the golden set of NAME (or --module, or --hf) from PyTorch eager."""
     from qcexport import mechanisms
-    from qcexport.golden import write_golden
+    from qcexport.golden import golden_dir, write_golden
 
+    if factory or hf_path or component:
+        if name or all_:
+            raise UserError("give NAME, --all, --module or --hf, not several",
+                            hint="e.g. `qcexport golden --hf DIR --component qformer -o OUT`")
+        _user_golden(factory, hf_path, component, output, outputs, seed, update)
+        return
+    if output or outputs:
+        raise UserError("-o and --outputs are for --module and --hf",
+                        hint="a mechanism's golden set goes to --root/NAME/PRESET")
     if bool(name) == bool(all_):
         raise UserError("give NAME or --all", hint=f"mechanisms: {', '.join(mechanisms.names())}")
     for mech in mechanisms.names() if all_ else [name]:
-        result = write_golden(mech, preset, root=root, update=update)
+        try:
+            result = write_golden(mech, preset, root=root, update=update)
+        except OSError as exc:
+            where = golden_dir(mech, preset, root)
+            raise UserError(
+                f"could not write the golden set {where}: {exc.strerror or exc}; "
+                + _golden_state(where, mech, preset), stage="golden",
+                hint=f"free disk space or choose another --root, then rerun `qcexport golden "
+                f"{mech}`") from exc
         state = "written" if result.written else "unchanged"
         click.echo(f"{mech} ({preset}): {len(result.cases)} cases {state} in {result.path}")
         for change in result.changes:
             click.echo(f"  {change.describe()}")
+
+
+def _golden_state(directory: Path, mech: str, preset: str) -> str:
+    """What a golden directory holds after a failed write, found by reading it back."""
+    from qcrun.golden import load_golden
+
+    try:
+        load_golden(directory, mechanism=mech, preset=preset)
+    except (UserError, OSError):
+        return f"{directory} does not hold a complete golden set now (its hashes reject it)"
+    return f"{directory} holds a complete golden set (its hashes check out)"
+
+
+def _user_golden(factory, hf_path, component, output, outputs, seed, update) -> None:
+    """`qcexport golden --module F -o DIR` / `--hf PATH --component NAME -o DIR`."""
+    from qcexport.golden import write_module_golden
+
+    if bool(factory) == bool(hf_path):
+        raise UserError("give one of --module or --hf", stage="golden",
+                        hint="e.g. `qcexport golden --module mypkg.models:make -o out/golden`")
+    if output is None:
+        raise UserError("-o DIR is needed: where the golden set goes", stage="golden",
+                        hint="e.g. -o out/golden-mymodel")
+    names = _name_list(outputs)
+    if hf_path:
+        from qcexport import hf
+
+        label = f"{hf_path} ({component})"
+        result = hf.write_golden(None, load_hf(hf_path, component), output, output_names=names,
+                                 seed=seed, update=update)
+    else:
+        module, example, axes, cases = load_factory(factory, with_cases=True)
+        label = factory
+        result = write_module_golden(module, example, output, dynamic_axes=axes, cases=cases,
+                                     output_names=names, seed=seed, update=update,
+                                     source={"kind": "factory", "factory": factory})
+    state = "written" if result.written else "unchanged"
+    click.echo(f"{label}: {len(result.cases)} cases {state} in {result.path}")
+    for change in result.changes:
+        click.echo(f"  {change.describe()}")
+
+
+def _name_list(text: str | None) -> list[str] | None:
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    return names or None
+
+
+def load_hf(path_or_id: str, component: str | None):
+    """`--hf PATH_OR_ID --component NAME`: the component, or a UserError listing them."""
+    from qcexport.hf import components, load_component
+
+    if not component:
+        raise UserError("--hf needs --component NAME", stage="load",
+                        hint=f"components: {', '.join(components.names())} "
+                        "(see `qcexport list --hf`)")
+    return load_component(path_or_id, component)
 
 
 # --- parity ----------------------------------------------------------------------------------
@@ -314,36 +474,53 @@ def golden(name, all_, preset, update, root):
 
 @main.command()
 @click.argument("model")
-@click.option("--targets", default="ort-cpu,openvino-cpu,onnx-reference", show_default=True,
-              help="Comma-separated targets.")
+@click.option("--targets", default=None,
+              help="Comma-separated targets; each one named must run here (a target that cannot "
+              "run is a failure) unless --optional names it. [default: "
+              f"{','.join(DEFAULT_PARITY_TARGETS)}, each optional]")
 @click.option("--preset", default="tiny", show_default=True, help="With a mechanism NAME.")
 @click.option("--golden", "golden_path", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Golden set directory (default: the built-in one).")
-@click.option("--require", multiple=True, help="A target whose skip counts as a failure.")
+@click.option("--optional", "optional", multiple=True, metavar="TARGETS",
+              help="Targets that may be absent here: skipped with the reason instead of failing "
+              "(repeatable or comma-separated). The run still fails when no case ran at all.")
+@click.option("--require", multiple=True, hidden=True,
+              help="Kept for old scripts: every target in --targets is required already.")
+@click.option("--policy", "policy_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None,
+              help="Tolerance policy file (JSON, format 1) over qcrun's built-in policy for the "
+              "model's precision; a model directory's manifest never sets its tolerances.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("out/parity"), show_default=True,
               help="Where models exported for a mechanism NAME go.")
-def parity(model, targets, preset, golden_path, require, json_path, junit_path, work_dir):
+def parity(model, targets, preset, golden_path, optional, require, policy_file, json_path,
+           junit_path, work_dir):
     """Replay golden cases on every target; exit 1 on any mismatch.
 
     MODEL is an exported model directory or a mechanism name (exported here with the golden
-    set's weights, in the attention form each target prefers).
+    set's weights, in the attention form each target prefers). Exit 1 also when a target named
+    in --targets ran no case (unless --optional) and when no case ran at all.
     """
-    from qcexport.export.save import write_bytes_atomic
+    from qcrun.parity import NOT_RUN_CODES, name_list, required_targets
+
     from qcexport.parity import parity_for_mechanism, parity_for_model_dir
 
-    names = [t.strip() for t in targets.split(",") if t.strip()]
-    from qcrun.targets import get_target
-
-    for t in [*names, *require]:
-        get_target(t)  # unknown target: clean error listing the valid ones, before any work
+    named = name_list(targets)
+    names = named or list(DEFAULT_PARITY_TARGETS)
+    # The default list is "whatever of these runs here": each optional unless --require names it.
+    optional = (name_list(optional) if named
+                else [n for n in names if n not in name_list(require)])
+    # unknown or contradictory names: a clean error listing the valid ones, before any work
+    required_targets(names, optional, require)
     if Path(model).is_dir():
-        run = parity_for_model_dir(Path(model), names, golden=golden_path, require=require)
+        run = parity_for_model_dir(Path(model), names, golden=golden_path, require=require,
+                                   optional=optional, policy_file=policy_file)
     else:
         run = parity_for_mechanism(model, preset, names, work_dir=work_dir,
-                                   golden=golden_path, require=require)
+                                   golden=golden_path, require=require, optional=optional,
+                                   policy_file=policy_file)
     for form, path in run.models.items():
         click.echo(f"model ({form}): {path}")
     click.echo(f"golden: {run.report.golden}\n")
@@ -357,18 +534,38 @@ def parity(model, targets, preset, golden_path, require, json_path, junit_path, 
         for line in run.drift:
             click.echo(f"  {line}")
     if json_path:
-        write_bytes_atomic(json_path, run.report.to_json().encode())
+        _write_report(json_path, run.report.to_json())
         if run.kernel is not None:
-            kernel_path = json_path.with_name(json_path.stem + ".kernel.json")
-            write_bytes_atomic(kernel_path, run.kernel.to_json().encode())
+            _write_report(json_path.with_name(json_path.stem + ".kernel.json"),
+                          run.kernel.to_json())
     if junit_path:
-        write_bytes_atomic(junit_path, run.report.to_junit_xml().encode())
+        _write_report(junit_path, run.report.to_junit_xml())
     if not run.passed:
+        if not run.report.ran():
+            raise UserError(run.report.verdict_line(), stage="parity",
+                            hint="see `qcrun targets` for what runs here; name a target that "
+                            "runs here in --targets")
         kernel_failures = run.kernel.failures() if run.kernel else []
-        failed = sorted({f"{r.target}/{r.output}" for r in run.report.failures()}
+        failed = sorted({f"{r.target}/{r.output or 'all outputs'}"
+                         for r in run.report.failures()}
                         | {f"{r.target}/{r.output} (kernel)" for r in kernel_failures})
+        unavailable = [r for r in run.report.failures() if r.code in NOT_RUN_CODES]
         raise UserError(f"parity failed: {', '.join(failed) or 'eager drift'}",
-                        stage="parity", hint="see the failures listed above")
+                        stage="parity",
+                        hint="see the failures listed above" + (
+                            "; a target that cannot run here is required unless you pass "
+                            "--optional TARGET" if unavailable else ""))
+
+
+def _write_report(path: Path, text: str) -> None:
+    """A report file, atomically; a full disk is a clean error that leaves the old file."""
+    from qcexport.export.save import write_bytes_atomic
+
+    try:
+        write_bytes_atomic(path, text.encode())
+    except OSError as exc:
+        raise UserError(f"could not write {path}: {exc.strerror or exc}; {path} is unchanged",
+                        stage="report", hint="free disk space or choose another path") from exc
 
 
 from qcexport.commands.inspect import inspect as _inspect  # noqa: E402
@@ -380,8 +577,10 @@ from qcexport.commands.profile import profile as _profile  # noqa: E402
 main.add_command(_profile)
 
 from qcexport.commands.bundle import bundle as _bundle  # noqa: E402
+from qcexport.commands.bundle import keygen as _keygen  # noqa: E402
 
 main.add_command(_bundle)
+main.add_command(_keygen)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ Layout (read back by ``qcrun.golden``, which verifies every hash):
     golden/<mechanism>/<preset>/weights.npz       the module's state dict
     golden/<mechanism>/<preset>/<case>.npz        in.<input> and out.<output> arrays
 
+A user's module (``--module pkg.mod:factory`` or a Hugging Face component) gets the same
+kind of set from :func:`write_module_golden`, with mechanism ``custom``, the module's source
+and constants in the manifest, and its state dict as the weights: qcrun ties a model to a
+golden set through the state-dict hash (``weights_sha256``), so a golden set of another model
+is refused.
+
 Files are written byte-for-byte reproducibly (fixed zip timestamps), so regenerating an
 unchanged set changes nothing in git. Golden data is only ever written by PyTorch eager, and a
 regeneration that would change stored outputs needs ``update=True``; the result says what
@@ -15,9 +21,13 @@ changed either way.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
+import shutil
+import tempfile
 import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +36,7 @@ import numpy as np
 import onnx
 import torch
 from qcrun.errors import UserError
+from qcrun.files import _umask
 from qcrun.golden import (
     FORMAT,
     INPUT_PREFIX,
@@ -33,12 +44,14 @@ from qcrun.golden import (
     OUTPUT_PREFIX,
     GoldenSet,
     array_sha256,
+    golden_manifest_json,
     load_golden,
 )
 
 from qcexport import mechanisms
 from qcexport.export.pipeline import eager_outputs
-from qcexport.export.save import write_bytes_atomic, write_json_atomic
+from qcexport.export.save import write_bytes_atomic
+from qcexport.mechanisms.registry import Case
 
 WEIGHTS_FILE = "weights.npz"
 GOLDEN_SEED = 1000  # case i uses GOLDEN_SEED + i: distinct from export/verify/calibration seeds
@@ -77,7 +90,7 @@ def state_dict_arrays(module: torch.nn.Module) -> dict[str, np.ndarray]:
 
 def load_weights(module: torch.nn.Module, golden: GoldenSet) -> torch.nn.Module:
     """Load the golden set's weights (already hash-verified by load_golden) into ``module``."""
-    path = golden.path / golden.manifest["weights"]["file"]
+    path = golden.weights_path
     with np.load(path, allow_pickle=False) as data:
         state = {k.removesuffix(".npy"): torch.from_numpy(data[k].copy()) for k in data.files}
     missing, unexpected = module.load_state_dict(state, strict=False)
@@ -95,7 +108,7 @@ def load_weights(module: torch.nn.Module, golden: GoldenSet) -> torch.nn.Module:
 def module_from_golden(golden: GoldenSet) -> torch.nn.Module:
     """The reference module with the golden set's config and weights."""
     spec = mechanisms.get(golden.mechanism)
-    config = spec.config_cls(**golden.manifest["config"])
+    config = spec.config_cls(**golden.manifest.config)
     torch.manual_seed(0)
     return load_weights(spec.builder(config).eval(), golden)
 
@@ -172,7 +185,9 @@ def write_golden(
             hint=f"if the change is intended, rerun with `qcexport golden {name} --preset "
             f"{preset} --update` and commit the new golden data",
         )
-    _write(directory, spec, preset, config, module, cases)
+    _write(directory, {"mechanism": spec.name, "preset": preset,
+                       "config": dataclasses.asdict(config), "seed": GOLDEN_SEED},
+           module, cases, existing)
     result.written = True
     return result
 
@@ -206,43 +221,71 @@ def _diff(existing: GoldenSet, cases) -> list[Change]:
     return changes
 
 
-def _write(directory: Path, spec, preset: str, config, module, cases) -> None:
-    from qcrun.golden import file_sha256
-
-    directory.mkdir(parents=True, exist_ok=True)
+def _write(directory: Path, header: dict[str, Any], module, cases,
+           existing: GoldenSet | None) -> None:
+    """Write a golden set: ``header`` (mechanism, preset, config or source, seed...) plus the
+    weights, one npz per case and the hashes. Every file is serialised before the first one is
+    written; a new set is built in a hidden sibling directory and renamed into place, and in an
+    existing set the manifest is replaced last, so a failure leaves the old set or none."""
     weights = npz_bytes(state_dict_arrays(module))
-    write_bytes_atomic(directory / WEIGHTS_FILE, weights)
+    files = {WEIGHTS_FILE: weights}
     entries = []
     for case, inputs, outputs in cases:
         arrays = {**{INPUT_PREFIX + k: v for k, v in inputs.items()},
                   **{OUTPUT_PREFIX + k: v for k, v in outputs.items()}}
         file = f"{case.name}.npz"
-        write_bytes_atomic(directory / file, npz_bytes(arrays))
+        files[file] = npz_bytes(arrays)
         entries.append({
             "name": case.name,
             "description": case.description,
             "params": dict(case.params),
             "file": file,
-            "sha256": file_sha256(directory / file),
+            "sha256": hashlib.sha256(files[file]).hexdigest(),
             "inputs": _describe(inputs),
             "outputs": _describe(outputs),
         })
-    stale = {p.name for p in directory.glob("*.npz")} - {e["file"] for e in entries} - {WEIGHTS_FILE}
     manifest: dict[str, Any] = {
         "format": FORMAT,
-        "mechanism": spec.name,
-        "preset": preset,
-        "config": dataclasses.asdict(config),
-        "seed": GOLDEN_SEED,
+        **header,
         "writer": "pytorch-eager",
         "versions": {"torch": torch.__version__.split("+")[0], "numpy": np.__version__,
                      "onnx": onnx.__version__},
-        "weights": {"file": WEIGHTS_FILE, "sha256": file_sha256(directory / WEIGHTS_FILE)},
+        "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(weights).hexdigest()},
         "cases": entries,
     }
-    write_json_atomic(directory / MANIFEST, manifest)
+    # Only files the previous manifest listed are removed: never a file the tool did not write.
+    stale = ({e.file for e in existing.manifest.cases} - set(files)) if existing else set()
+    target = directory if existing is not None else Path(tempfile.mkdtemp(
+        dir=_parent(directory), prefix=f".{directory.name}."))
+    try:
+        for name, data in files.items():
+            write_bytes_atomic(target / name, data)
+        write_bytes_atomic(target / MANIFEST, golden_manifest_json(manifest).encode())
+        if existing is None:
+            _claim(target, directory)
+    except BaseException:
+        if existing is None:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
     for name in stale:
-        (directory / name).unlink()
+        (directory / name).unlink(missing_ok=True)
+
+
+def _parent(directory: Path) -> Path:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    return directory.parent
+
+
+def _claim(staged: Path, directory: Path) -> None:
+    """Move the staged set to ``directory``: renamed when it does not exist, else moved into
+    it when it is empty (an empty directory made for it); never over someone's files."""
+    os.chmod(staged, 0o777 & ~_umask())
+    if not directory.exists():
+        os.replace(staged, directory)
+        return
+    for item in staged.iterdir():
+        os.replace(item, directory / item.name)
+    staged.rmdir()
 
 
 def _describe(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
@@ -270,3 +313,210 @@ def eager_drift(golden: GoldenSet, atol: float = 1e-5) -> list[str]:
             if not np.isfinite(diff) or diff > atol:
                 problems.append(f"{case.name}/{name}: max abs {diff:.3g} > {atol:g}")
     return problems
+
+
+# --- a user's module -------------------------------------------------------------------------
+
+#: How a user's golden set names itself in the manifest (there is no registry entry).
+CUSTOM = "custom"
+
+CaseSource = (Mapping[str, Mapping[str, Any]] | Iterable[tuple[str, Mapping[str, Any]]]
+              | Callable[[], Any])
+
+
+def write_module_golden(
+    module: torch.nn.Module,
+    example_inputs: Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    cases: CaseSource | None = None,
+    constants: Mapping[str, Any] | None = None,
+    output_names: list[str] | None = None,
+    source: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    update: bool = False,
+) -> GoldenResult:
+    """Write the golden set of a user's module into ``out_dir``, from PyTorch eager.
+
+    ``cases`` are the golden cases: ``{name: inputs}``, ``[(name, inputs)]`` or a callable
+    returning either (a factory's case generator); each ``inputs`` is a full call, tensors and
+    non-tensor arguments. Without ``cases``, seeded variations of ``example_inputs`` are made
+    (:func:`module_cases`). Non-tensor arguments (``example_inputs``' and ``constants``) are
+    fixed, as convert fixes them in the graph: a case that sets one to another value is an
+    error naming it. ``output_names`` keeps a subset of the outputs, or names the tensors of a
+    module that returns bare tensors, exactly as convert's ``output_names`` does, so the set
+    has the model's output names. ``source`` (e.g. the factory or the Hugging Face component)
+    is recorded in the manifest.
+
+    An existing set in ``out_dir`` is compared as :func:`write_golden` does; a change (other
+    weights included) needs ``update=True``. A directory that holds files but no golden set is
+    refused, never overwritten.
+    """
+    from qcexport.export.outputs import split_inputs
+
+    directory = Path(out_dir)
+    module = module.eval()
+    tensors, fixed = split_inputs(example_inputs, constants)
+    axes = {k: dict(v) for k, v in (dynamic_axes or {}).items() if k in tensors}
+    made = (module_cases(tensors, axes, seed=seed) if cases is None
+            else _user_cases(cases, tensors, fixed))
+    existing = _existing_user_set(directory)
+    computed = []
+    for case, feed in made:
+        try:
+            outputs = planned_outputs(module, {**feed, **fixed}, output_names)
+        except UserError:
+            raise
+        except Exception as exc:  # the user's forward failing on a case: say which
+            raise UserError(f"the module fails on golden case {case.name!r}: "
+                            f"{type(exc).__name__}: {exc}", stage="golden",
+                            hint="fix the case generator or the module") from exc
+        computed.append((case, {k: v.numpy() for k, v in feed.items()},
+                         {k: v.numpy() for k, v in outputs.items()}))
+    changes = _diff(existing, computed) if existing is not None else []
+    if existing is not None and _weights_differ(existing, module):
+        changes.append(Change("*", WEIGHTS_FILE, "changed"))
+    real = [c for c in changes if c.what != "rounding"]
+    result = GoldenResult(directory, [c.name for c, _, _ in computed], False, changes)
+    if existing is not None and not real:
+        return result
+    if existing is not None and not update:
+        raise UserError(
+            f"regenerating {directory} would change {len(real)} stored arrays: "
+            + "; ".join(c.describe() for c in real[:8]),
+            stage="golden",
+            hint="if the change is intended (other weights or cases), rerun with --update; "
+            "else write the new set to another directory")
+    header = {"mechanism": CUSTOM, "preset": CUSTOM, "seed": seed,
+              "source": dict(source or {}), "constants": dict(fixed)}
+    _write(directory, header, module, computed, existing)
+    result.written = True
+    return result
+
+
+def planned_outputs(module: torch.nn.Module, inputs: Mapping[str, Any],
+                    output_names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """``module(**inputs)`` in eager mode, as the graph's named outputs: the leaves convert
+    exports for ``output_names`` (a subset, or names for bare tensors), under its names."""
+    from qcexport.export.outputs import plan_outputs, require_tensors
+
+    with torch.no_grad():
+        flat = require_tensors(module(**inputs))
+    plan = plan_outputs(flat, output_names)
+    leaves = {leaf.name: t for leaf, t in flat}
+    return {name: leaves[leaf] for name, leaf in zip(plan.names, plan.leaves, strict=True)}
+
+
+def module_cases(tensors: Mapping[str, torch.Tensor], dynamic_axes: Mapping[str, Mapping[int, str]],
+                 *, seed: int = 0) -> list[tuple[Case, dict[str, torch.Tensor]]]:
+    """Seeded golden cases for a module without its own: fresh values at the example shape,
+    then each dynamic axis on its own at another size, then (when an input looks like a mask:
+    integers or booleans that are all 0/1) the example shape with padding in every row but
+    the first. Case i uses ``GOLDEN_SEED + seed + i``."""
+    from qcexport.export.pipeline import resample
+
+    base = GOLDEN_SEED + seed
+    made = [(Case("example", {}, "the example shape, fresh values"),
+             resample(tensors, {}, seed=base))]
+    labels = list(dict.fromkeys(label for axes in dynamic_axes.values()
+                                for label in axes.values()))
+    for i, label in enumerate(labels, start=1):
+        only = {name: {a: n for a, n in axes.items() if n == label}
+                for name, axes in dynamic_axes.items()}
+        feed = resample(tensors, {k: v for k, v in only.items() if v}, seed=base + i)
+        sizes = sorted({feed[name].shape[a] for name, axes in only.items() for a in axes})
+        made.append((Case(f"{label}_{'_'.join(map(str, sizes))}", {label: sizes[0]},
+                          f"dynamic axis {label!r} at another size"), feed))
+    masks = [name for name, t in tensors.items() if _is_mask(t) and t.dim() >= 2]
+    if masks:
+        feed = resample(tensors, {}, seed=base + len(made))
+        for name in masks:
+            feed[name] = _padded(tensors[name])
+        made.append((Case("padding", {"masks": masks},
+                          f"{', '.join(masks)} with padding in every row but the first"), feed))
+    return made
+
+
+def _is_mask(t: torch.Tensor) -> bool:
+    if t.dtype == torch.bool:
+        return True
+    return not t.dtype.is_floating_point and t.numel() > 0 and bool(((t == 0) | (t == 1)).all())
+
+
+def _padded(mask: torch.Tensor) -> torch.Tensor:
+    """The mask with the last quarter (at least one) of its last axis off in every row but
+    the first; row 0 stays as it was, so a padded row and an unpadded one meet in a batch."""
+    out = torch.ones_like(mask)
+    cut = max(1, mask.shape[-1] // 4)
+    if out.shape[0] > 1 and mask.shape[-1] > 1:
+        out[1:, ..., -cut:] = 0
+    return out
+
+
+def _user_cases(cases: CaseSource, tensors: Mapping[str, torch.Tensor],
+                fixed: Mapping[str, Any]) -> list[tuple[Case, dict[str, torch.Tensor]]]:
+    """The user's cases, checked: every tensor input given, and every non-tensor argument
+    the value the model fixes (a case cannot change what the graph holds as a constant)."""
+    if callable(cases):
+        cases = cases()
+    pairs = list(cases.items()) if isinstance(cases, Mapping) else list(cases)
+    if not pairs:
+        raise UserError("the case generator gave no golden case", stage="golden",
+                        hint="yield (name, inputs) pairs, or give no generator for seeded cases")
+    made, seen = [], set()
+    for item in pairs:
+        if isinstance(item, tuple) and len(item) == 3 and isinstance(item[0], Case):
+            case, feed = item[0], item[1]
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Mapping):
+            case, feed = (item[0] if isinstance(item[0], Case) else Case(str(item[0]), {})), item[1]
+        else:
+            raise UserError(f"a golden case must be (name, {{input: value}}), not "
+                            f"{type(item).__name__}", stage="golden",
+                            hint="yield (name, inputs) pairs from the case generator")
+        if case.name in seen or not case.name.replace("-", "_").isidentifier():
+            raise UserError(f"golden case name {case.name!r} is "
+                            + ("used twice" if case.name in seen else "not a plain name"),
+                            stage="golden", hint="name each case once, with letters, digits, _")
+        seen.add(case.name)
+        feed_tensors = {k: v for k, v in feed.items() if isinstance(v, torch.Tensor)}
+        others = {k: v for k, v in feed.items() if not isinstance(v, torch.Tensor)}
+        for name, value in others.items():
+            if name in tensors:
+                raise UserError(f"golden case {case.name!r}: input {name!r} is a "
+                                f"{type(value).__name__}, the example's is a tensor",
+                                stage="golden", hint="pass it as a tensor")
+            if name not in fixed or fixed[name] != value:
+                model = (f"the model fixes it to {fixed[name]!r}" if name in fixed
+                         else "the example inputs do not have it")
+                raise UserError(
+                    f"golden case {case.name!r} sets the non-tensor argument {name!r} to "
+                    f"{value!r}, but {model}",
+                    stage="golden",
+                    hint=f"non-tensor arguments are constants of the exported graph: keep "
+                    f"{name!r} the same in every case (export once per value)")
+        if set(feed_tensors) != set(tensors):
+            raise UserError(f"golden case {case.name!r} has tensor inputs "
+                            f"{sorted(feed_tensors)}, the model {sorted(tensors)}",
+                            stage="golden", hint="give every tensor input in every case")
+        made.append((case, {k: feed_tensors[k] for k in tensors}))
+    return made
+
+
+def _existing_user_set(directory: Path) -> GoldenSet | None:
+    if (directory / MANIFEST).is_file():
+        return load_golden(directory)  # verifies every hash
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise UserError(f"{directory} exists and is not a golden set (no {MANIFEST})",
+                        stage="golden",
+                        hint="pass -o with a new or empty directory; nothing was written")
+    return None
+
+
+def _weights_differ(existing: GoldenSet, module: torch.nn.Module) -> bool:
+    from qcrun.golden import weights_sha256 as npz_weights_sha256
+
+    from qcexport.export.pipeline import weights_sha256
+
+    path = existing.weights_path
+    return path is None or npz_weights_sha256(path) != weights_sha256(module)

@@ -16,7 +16,14 @@ from pathlib import Path
 from qcrun.errors import UserError
 from qcrun.files import read_model_dir
 from qcrun.golden import GoldenSet, load_golden
-from qcrun.parity import ParityReport, TolerancePolicy, environment, kernel_parity, run_parity
+from qcrun.parity import (
+    ParityReport,
+    environment,
+    kernel_parity,
+    policy_for,
+    required_targets,
+    run_parity,
+)
 from qcrun.targets import availability, get_target
 
 from qcexport import mechanisms
@@ -37,41 +44,53 @@ class ParityRun:
         return self.report.passed and not self.drift and (self.kernel is None or self.kernel.passed)
 
 
-def read_model_manifest(model_dir: Path) -> dict:
+def read_model_manifest(model_dir: Path):
+    """The checked model directory (``qcrun.files.ModelDir``): paths, hashes, precision."""
     return read_model_dir(model_dir, stage="parity")
 
 
 def parity_for_model_dir(
-    model_dir: Path, targets: list[str], *, golden: Path | None = None, require=()
+    model_dir: Path, targets: list[str], *, golden: Path | None = None, require=(), optional=(),
+    policy_file: Path | None = None,
 ) -> ParityRun:
-    manifest = read_model_manifest(model_dir)
-    name, preset = manifest.get("mechanism"), manifest.get("preset")
+    """Every target runs the exported model; each one named must run unless ``optional``.
+
+    The tolerances are qcrun's built-in policy for the precision the graph has, or
+    ``policy_file``; never the model directory's own (the artifact under test)."""
+    model = read_model_manifest(model_dir)
+    manifest = model.manifest
+    name, preset = manifest.mechanism, manifest.preset
     if golden is None:
         if name not in mechanisms.names() or not preset:
             raise UserError(f"{model_dir} holds a custom module: there is no built-in golden set",
                             stage="parity", hint="pass --golden DIR")
         golden = golden_dir(name, preset)
-    gset = load_golden(golden, mechanism=name if name != "custom" else None, preset=preset)
-    policy = TolerancePolicy.from_dict(manifest.get("tolerances") or {})
-    precision = manifest.get("precision", "fp32")
-    report = run_parity(model_dir / MODEL_FILE, gset, targets, policy, precision, require=require,
-                        attention_form=manifest.get("attention"))
+    gset = load_golden(golden, mechanism=name if manifest.builtin else None, preset=preset)
+    model.check_weights(gset)
+    policy = policy_for(model.precision, policy_file=policy_file)
+    precision = model.precision
+    report = run_parity(model.model, gset, targets, policy, precision,
+                        require=required_targets(targets, optional, require), optional=optional,
+                        attention_form=manifest.attention)
     kernel = None
     if precision != "fp32":
-        kernel = kernel_parity(model_dir / MODEL_FILE, gset, targets, precision,
-                               attention_form=manifest.get("attention"))
-    return ParityRun(report, [], {manifest.get("attention", "?"): str(model_dir / MODEL_FILE)},
-                     kernel)
+        kernel = kernel_parity(model.model, gset, targets, precision,
+                               attention_form=manifest.attention)
+    return ParityRun(report, [], {manifest.attention or "?": str(model.model)}, kernel)
 
 
 def parity_for_mechanism(
     name: str, preset: str, targets: list[str], *, work_dir: Path,
-    golden: Path | None = None, require=(),
+    golden: Path | None = None, require=(), optional=(), policy_file: Path | None = None,
 ) -> ParityRun:
+    """Each target runs the module exported in the form it prefers; each one named must run
+    unless ``optional``."""
     mechanisms.get(name)  # neither a model directory nor a mechanism: list the valid names
     gset = load_golden(golden or golden_dir(name, preset), mechanism=name, preset=preset)
     drift = eager_drift(gset)
     profiles = [get_target(t) for t in targets]
+    required = required_targets(targets, optional, require)
+    policy = policy_for("fp32", policy_file=policy_file)  # read before any export
     by_form: dict[str, list[str]] = {}
     unavailable = []
     for target in profiles:
@@ -85,11 +104,12 @@ def parity_for_mechanism(
         models[form] = str(_export(gset, form, names[0], work_dir / f"{name}-{preset}-{form}"))
     records = []
     for form, names in by_form.items():
-        records += run_parity(models[form], gset, names, require=require, attention_form=form).records
+        records += run_parity(models[form], gset, names, policy,
+                              require=_among(required, names), attention_form=form).records
     if unavailable:
         any_model = next(iter(models.values()), "")
-        records += run_parity(any_model or work_dir / MODEL_FILE, gset, unavailable,
-                              require=require).records
+        records += run_parity(any_model or work_dir / MODEL_FILE, gset, unavailable, policy,
+                              require=_among(required, unavailable)).records
     order = {t.name: i for i, t in enumerate(profiles)}
     records.sort(key=lambda r: order.get(r.target, len(order)))
     report = ParityReport(
@@ -98,16 +118,21 @@ def parity_for_mechanism(
         golden=f"{gset.path} ({gset.mechanism}/{gset.preset})",
         precision="fp32",
         targets=[t.name for t in profiles],
-        required=list(require),
+        required=required,
         environment=environment(),
+        optional=[t.name for t in profiles if t.name not in required],
     )
     return ParityRun(report, drift, models)
+
+
+def _among(required: list[str], names: list[str]) -> list[str]:
+    return [n for n in required if n in names]
 
 
 def _export(gset: GoldenSet, form: str, target: str, out: Path) -> Path:
     """Export the golden set's module (its weights) in ``form``; verification included."""
     spec = mechanisms.get(gset.mechanism)
-    config = spec.config_cls(**gset.manifest["config"])
+    config = spec.config_cls(**(gset.manifest.config or {}))
     module = module_from_golden(gset)
     result = convert(
         module,
@@ -120,6 +145,6 @@ def _export(gset: GoldenSet, form: str, target: str, out: Path) -> Path:
         verify_inputs=[("export_shape", spec.inputs(config, spec.export_case, seed=1)),
                        ("verify_shape", spec.inputs(config, spec.verify_case, seed=2))],
         metadata={"mechanism": gset.mechanism, "preset": gset.preset,
-                  "config": gset.manifest["config"], "golden": str(gset.path.resolve())},
+                  "config": gset.manifest.config},
     )
     return result.path

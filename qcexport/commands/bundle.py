@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+from qcrun import signing
 from qcrun.errors import UserError
 from qcrun.targets import get_target, target_names
 
@@ -32,15 +33,24 @@ from qcrun.targets import get_target, target_names
 @click.option("--host-targets", default=None,
               help="Comma-separated targets for the host parity run [default: every target "
               "here that can run the bundle, but onnx-reference].")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path, dir_okay=False),
+              metavar="KEY",
+              help="Sign bundle.json with this Ed25519 private key (PEM, from `qcexport keygen`): "
+              "writes bundle.sig; a device checks it with `qcrun verify --trust KEY.pub`.")
+@click.option("--policy", "policy_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Tolerance policy file for the host parity run, recorded in the bundle "
+              "[default: qcrun's built-in policy for the precision].")
 @click.option("--json", "as_json", is_flag=True, help="Print the bundle manifest as JSON only.")
 def bundle(model_dir: Path, target, precision, output, archive, golden_path, cases, profiles,
-           host_targets, as_json):
+           host_targets, sign_key, policy_file, as_json):
     """Bundle MODEL_DIR for --target: model, golden subset, tolerances, specs, provenance.
 
     The model is exported again when the target needs another attention form or opset
     (jetson-orin and ort-tensorrt: decomposed, opset 17) or another precision; it is checked
     against the golden subset on every host target that can run it before anything is
-    written. On the device, with no torch: `qcrun verify NAME.bundle`.
+    written. On the device, with no torch: `qcrun verify NAME.bundle` (with --sign:
+    `qcrun verify NAME.bundle --trust KEY.pub`). An existing -o is replaced only when it is a
+    bundle this tool wrote, unchanged.
     """
     from qcexport.bundle import make_bundle, parse_profile
 
@@ -56,7 +66,7 @@ def bundle(model_dir: Path, target, precision, output, archive, golden_path, cas
         click.echo(f"== bundle {model_dir} for {target}")
     result = make_bundle(model_dir, target, precision, output, archive, golden=golden_path,
                          cases=chosen, profile_shapes=ranges, host_targets=hosts,
-                         on_stage=progress)
+                         on_stage=progress, sign=sign_key, policy_file=policy_file)
     if as_json:
         click.echo(json.dumps(result.manifest, indent=2))
         return
@@ -74,8 +84,14 @@ def bundle(model_dir: Path, target, precision, output, archive, golden_path, cas
             f"{a}={'/'.join(map(str, r))}" for a, r in m["profile_shapes"].items()))
     click.echo(f"  golden    {len(m['provenance']['golden']['cases'])} cases: "
                f"{', '.join(m['provenance']['golden']['cases'])}")
-    click.echo(f"  manifest  sha256 {m['manifest_sha256']}")
-    click.echo(f"\non the device:  qcrun verify {result.path}")
+    click.echo(f"  manifest  sha256 {m['manifest_sha256']}  (pin it: --expect-sha256)")
+    if result.signed_by:
+        click.echo(f"  signed    by key {signing.short_id(result.signed_by)} (bundle.sig)")
+        click.echo(f"\non the device:  qcrun verify {result.path} --trust "
+                   f"{_public_key_hint(sign_key)}")
+    else:
+        click.echo("  signed    no (pass --sign KEY to let a device authenticate it)")
+        click.echo(f"\non the device:  qcrun verify {result.path}")
 
 
 def _parse_cases(text: str | None):
@@ -89,3 +105,32 @@ def _parse_cases(text: str | None):
         raise UserError("--cases is empty", stage="bundle",
                         hint="pass case names (comma-separated) or a number")
     return names
+
+
+def _public_key_hint(private_key: Path) -> str:
+    public = private_key.with_suffix(".pub")
+    return str(public) if public.is_file() else "PUBKEY.pub"
+
+
+@click.command("keygen")
+@click.option("-o", "--output", "directory", type=click.Path(path_type=Path, file_okay=False),
+              required=True, help="Directory to write NAME.key (private) and NAME.pub into.")
+@click.option("--name", default="qcexport-signing", show_default=True,
+              help="File name of the key pair, without suffix.")
+def keygen(directory: Path, name: str):
+    """Make an Ed25519 key pair for signing bundles (`qcexport bundle --sign DIR/NAME.key`).
+
+    The private key (mode 600) stays on the host; copy NAME.pub to the devices, which trust
+    it with `qcrun verify BUNDLE --trust NAME.pub` or `qcrun.load(..., trusted_keys=[...])`.
+    Existing files are never overwritten. The same with openssl: `openssl genpkey -algorithm
+    ed25519 -out NAME.key && openssl pkey -in NAME.key -pubout -out NAME.pub`.
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise UserError(f"--name {name!r} is not a plain file name", stage="keygen",
+                        hint="e.g. --name release-2026")
+    private, public = signing.generate_keypair(directory, name)
+    key = signing.load_public_key(public)
+    click.echo(f"private key  {private}  (keep it on the host; mode 600)")
+    click.echo(f"public key   {public}  (key id {signing.short_id(signing.key_id(key))})")
+    click.echo(f"sign:    qcexport bundle MODEL_DIR --target T --sign {private}")
+    click.echo(f"verify:  qcrun verify NAME.bundle --trust {public}")

@@ -17,7 +17,8 @@ from qcrun.cli import execute_profile, profile_options
 from qcrun.errors import UserError
 
 
-def _read_manifest(model_dir: Path) -> dict:
+def _read_manifest(model_dir: Path):
+    """The checked model directory (``qcrun.files.ModelDir``): hashes, paths, precision."""
     from qcrun.files import read_model_dir
 
     if not model_dir.is_dir():
@@ -27,22 +28,23 @@ def _read_manifest(model_dir: Path) -> dict:
     return read_model_dir(model_dir, stage="profile")
 
 
-def spec_feeds(manifest: dict):
+def spec_feeds(manifest):
     """feeds(manifest, point) from the mechanism spec's ``make_inputs``, or None when the model
-    is not a built-in mechanism (then qcrun's synthetic inputs are used)."""
+    (``manifest``: a ``qcrun.files.ModelManifest``) is not a built-in mechanism (then qcrun's
+    synthetic inputs are used)."""
     from qcexport import mechanisms
 
-    name = manifest.get("mechanism")
+    name = manifest.mechanism
     if name not in mechanisms.names():
         return None
     spec = mechanisms.get(name)
-    config = spec.config_cls(**manifest["config"]) if manifest.get("config") else spec.config(
-        manifest.get("preset", "tiny"))
+    config = spec.config_cls(**manifest.config) if manifest.config else spec.config(
+        manifest.preset or "tiny")
     accepted = set(inspect.signature(spec.make_inputs).parameters) - {"seed"}
     positions = {
-        (spec_input["name"], index): dim
-        for spec_input in manifest["inputs"]
-        for index, dim in enumerate(spec_input["shape"])
+        (spec_input.name, index): dim
+        for spec_input in manifest.inputs
+        for index, dim in enumerate(spec_input.shape)
         if isinstance(dim, str)
     }
 
@@ -90,15 +92,14 @@ def profile(model_dir: Path, target_names: str, **settings):
     """
     from qcexport.export.save import write_bytes_atomic
 
-    manifest = _read_manifest(model_dir)
+    model = _read_manifest(model_dir)
     if not any(settings[k] for k in ("json_path", "markdown_path", "html_path")):
         settings["json_path"] = model_dir / "profile.json"
         settings["html_path"] = model_dir / "profile.html"
     execute_profile(
-        model_dir,
-        manifest,
+        model,
         [target_names],
         settings,
-        feeds=spec_feeds(manifest),
+        feeds=spec_feeds(model.manifest),
         write=lambda path, text: write_bytes_atomic(path, text.encode()),
     )

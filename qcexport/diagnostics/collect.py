@@ -12,7 +12,6 @@ The numbers come from ``qcrun.diagnostics`` in both cases, so host and device ag
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,25 +109,25 @@ def _inspect_model_dir(path: Path, *, target, cases, picture, image, features, t
 
     from qcexport import mechanisms
 
-    manifest = _read_manifest(path)
-    name = manifest.get("mechanism")
-    with open_adapter(path / MODEL_FILE, target) as session:
+    model = _read_manifest(path)
+    manifest, name = model.manifest, model.manifest.mechanism
+    with open_adapter(model.model, target) as session:
         descriptor = require_maps(manifest, [o.name for o in session.outputs], str(path))
         if name not in mechanisms.names():
             raise UserError(f"{path} holds mechanism {name!r}, which is not built in",
                             stage="inspect", hint="inspect a built-in mechanism's model")
         spec = mechanisms.get(name)
-        config = spec.config_cls(**manifest.get("config", {}))
+        config = spec.config_cls(**(manifest.config or {}))
         feeds, grid = _feeds(spec, config, descriptor, cases, picture, features, texts, grid)
         runs, sweep = run_all(descriptor, feeds, session.run)
     analysis = analyse(descriptor, runs, sweep=sweep, sample=sample, threshold=threshold,
                        grid=grid, source=f"{path} on {target}")
-    context = {"source": str(path), "mechanism preset": manifest.get("preset"),
-               "maps from": f"the exported model on {target} ({manifest.get('attention')} "
+    context = {"source": str(path), "mechanism preset": manifest.preset,
+               "maps from": f"the exported model on {target} ({manifest.attention} "
                "attention)"}
     _describe_inputs(context, image, features, texts)
     return Inspection(analysis, runs, descriptor, picture, grid,
-                      f"{name} ({manifest.get('preset')}) from {path.name}", context)
+                      f"{name} ({manifest.preset}) from {path.name}", context)
 
 
 def _feeds(spec, config, descriptor, cases, picture, features, texts, grid):
@@ -170,15 +169,13 @@ def _describe_inputs(context, image, features, texts) -> None:
         context["text"] = " | ".join(texts)
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    manifest_path = path / MANIFEST_FILE
-    if not (path / MODEL_FILE).is_file() or not manifest_path.is_file():
+def _read_manifest(path: Path):
+    """The checked model directory (``qcrun.files.ModelDir``) at ``path``."""
+    from qcrun.files import read_model_dir
+
+    if not (path / MANIFEST_FILE).is_file():
         raise UserError(f"{path} is not an exported model directory (it needs {MODEL_FILE} and "
                         f"{MANIFEST_FILE})", stage="inspect",
                         hint="pass the output directory of `qcexport convert ... "
                         "--with-attention-maps`, or a mechanism name")
-    try:
-        return json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"model manifest {manifest_path} is not valid JSON: {exc}",
-                        stage="inspect", hint="re-export the model") from None
+    return read_model_dir(path, stage="inspect")

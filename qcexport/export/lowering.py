@@ -62,9 +62,53 @@ def fused_attention_count(model: onnx.ModelProto, form: str) -> int:
     return 0
 
 
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy that never serialises the whole model (over 2 GB that fails)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large initializers keep their type and shape but not their bytes (marked
+    external): small enough to serialise for shape inference and checks at any model size."""
+    from qcexport.export import save
+
+    if not save.is_large(model):
+        return model
+    skeleton = copy_model(model)
+    for graph in iter_graphs(skeleton.graph):
+        for t in graph.initializer:
+            if len(t.raw_data) > 1024:  # shape-like constants stay: shape inference reads them
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                del t.external_data[:]
+                t.external_data.add(key="location", value="weightless.data")
+    return skeleton
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """``onnx.checker.check_model`` at any size: a model saved with external data is checked
+    from a temporary copy on disk (the checker cannot take it in memory)."""
+    from qcexport.export import save
+
+    if not save.is_large(model):
+        onnx.checker.check_model(model)
+        return
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="qcexport-check-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save.save_model_atomic(model, path)
+        onnx.checker.check_model(str(path))
+        onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / "inferred.onnx"),
+                                               check_type=True)
+
+
 def _static_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Shapes of every value, with None for symbolic dims, after shape inference."""
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(weightless(model), data_prop=True)
     dims: dict[str, list[int | None]] = {}
     for graph in iter_graphs(inferred.graph):
         for vi in [*graph.value_info, *graph.input, *graph.output]:
@@ -90,7 +134,7 @@ class _Names:
 
 def to_ort_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite every opset-23 ``Attention`` node as ``com.microsoft.MultiHeadAttention``."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = copy_model(model)
     dims = _static_dims(model)
     fresh = _Names(model)
     for graph in iter_graphs(model.graph):
@@ -189,7 +233,7 @@ def downgrade_to_opset17(model: onnx.ModelProto) -> onnx.ModelProto:
     input (18) versus an attribute (17), and Split's ``num_outputs``. Constant axes are needed;
     a model that computes them at run time cannot go to 17 and is reported.
     """
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = copy_model(model)
     consts = _constants(model)
     dims = _static_dims(model)
     for graph in iter_graphs(model.graph):
@@ -203,7 +247,7 @@ def downgrade_to_opset17(model: onnx.ModelProto) -> onnx.ModelProto:
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx"):
             op.version = 17
-    onnx.checker.check_model(model)
+    check_model(model)
     return model
 
 

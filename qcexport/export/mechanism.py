@@ -62,4 +62,5 @@ def convert_mechanism(
         metadata={"mechanism": name, "preset": preset, "config": dataclasses.asdict(config),
                   **extra_meta},
         on_stage=on_stage,
+        input_ranges=spec.input_ranges(config) if spec.input_ranges else None,
     )

@@ -31,11 +31,20 @@ from qcrun.parity import TolerancePolicy, compare
 from qcrun.targets import get_target
 from torch import nn
 
+from qcexport.export import save
 from qcexport.export.lowering import (
     FORMS,
+    check_model,
     downgrade_to_opset17,
     fused_attention_count,
     to_ort_attention,
+)
+from qcexport.export.outputs import (
+    flat_module,
+    named_outputs,
+    plan_outputs,
+    require_tensors,
+    split_inputs,
 )
 from qcexport.export.save import prepare_output_dir, save_model_and_manifest, save_model_atomic
 from qcexport.export.torch_export import AxisMap, check_dynamic_axes, export_module
@@ -74,6 +83,34 @@ class ConvertResult:
     verification: list[VerifyRecord]
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def output_names(self) -> list[str]:
+        """The model's outputs, by the names ``qcrun.load(...)`` returns them under."""
+        return [o["name"] for o in self.manifest["outputs"]]
+
+    @property
+    def constants(self) -> dict[str, Any]:
+        """Non-tensor arguments fixed at export."""
+        return dict(self.manifest.get("constants", {}))
+
+    @property
+    def sdpa_calls(self) -> int:
+        """scaled_dot_product_attention calls captured from the module."""
+        return int(self.manifest["fused_attention"].get("sdpa_calls", self.fused_expected))
+
+    def describe_attention(self) -> str:
+        """How the module's attention was exported, in one line."""
+        calls = (f"{self.sdpa_calls} scaled_dot_product_attention "
+                 f"call{'s' if self.sdpa_calls > 1 else ''} captured")
+        if self.attention == "decomposed":
+            return ("attention decomposed to MatMul/Softmax (the decomposed form)"
+                    + (f"; {calls}" if self.sdpa_calls else ""))
+        if self.sdpa_calls == 0:
+            return ("no scaled_dot_product_attention call captured: the module's attention (if "
+                    "any) is its own MatMul/Softmax math, exported decomposed")
+        return (f"{calls}, {self.fused_found} fused as {self.attention!r} attention "
+                f"node{'s' if self.fused_found != 1 else ''}")
 
     @property
     def passed(self) -> bool:
@@ -125,19 +162,100 @@ def weights_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def eager_outputs(module: nn.Module, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+def eager_outputs(module: nn.Module, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+    """Every tensor leaf of ``module(**inputs)`` in eager mode, in output order (see
+    ``qcexport.export.outputs``: pytree order, None dropped)."""
+    return list(named_outputs(module, inputs).values())
+
+
+def _eager(module: nn.Module, inputs: Mapping[str, Any]):
+    """(what the module returned, its named tensor leaves); no tensor at all is a UserError."""
     with torch.no_grad():
-        out = module(**inputs)
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
-        return list(out)
-    raise UserError(
-        f"the module returned {type(out).__name__}; qcexport exports modules that return a "
-        "tensor or a tuple of tensors",
-        stage="export",
-        hint="wrap the module so forward returns a tensor or a tuple of tensors",
-    )
+        returned = module(**inputs)
+    return returned, require_tensors(returned)
+
+
+def _flat(module: nn.Module, returned, tensors, constants, plan) -> nn.Module:
+    """The module the exporter and the verifier call: the module itself when it already takes
+    only tensors and returns the planned tensors in order, else :func:`flat_module`."""
+    plain = isinstance(returned, torch.Tensor) or (
+        isinstance(returned, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in returned)
+        and type(returned) in (tuple, list))
+    if plain and not constants and plan.leaves == plan.available:
+        return module
+    return flat_module(module, list(tensors), constants, plan.leaves)
+
+
+def _verify_feed(case: str, inputs: Mapping[str, Any], tensors, constants) -> dict:
+    """The tensor inputs of a verification case; its other arguments must be the constants."""
+    differs = [k for k, v in inputs.items() if not isinstance(v, torch.Tensor)
+               and (k not in constants or constants[k] != v)]
+    if differs:
+        raise UserError(
+            f"verification case {case!r} sets non-tensor arguments {differs} to other values "
+            f"than the export ({ {k: constants.get(k) for k in differs} }); they are fixed in the "
+            "graph",
+            stage="verify",
+            hint="export once per value of such an argument",
+        )
+    feed = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    if set(feed) != set(tensors):
+        raise UserError(f"verification case {case!r} has inputs {sorted(feed)}, the model "
+                        f"{sorted(tensors)}", stage="verify", hint="give every tensor input")
+    return feed
+
+
+#: The example size an axis of size 0 or 1 is exported at.
+WIDENED_SIZE = 2
+
+
+def widen_trivial_axes(
+    tensors: Mapping[str, torch.Tensor], input_axes: AxisMap
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+    """Example inputs with every dynamic axis of size 0 or 1 grown to ``WIDENED_SIZE``.
+
+    torch.export specialises an axis whose example size is 0 or 1 even when it is declared
+    dynamic. Size 1 is repeated (token ids, masks and values stay what they were); size 0 gets
+    fresh values (random floats, true masks, zero ints). Every input that shares the axis name
+    is grown alike. Returns (inputs, {axis name: (example size, export size)}).
+    """
+    sizes: dict[str, dict[int, list[str]]] = {}
+    for name, axes in input_axes.items():
+        for axis, label in axes.items():
+            size = tensors[name].shape[axis]
+            sizes.setdefault(label, {}).setdefault(size, []).append(f"{name}[{axis}]")
+    trivial = {label: next(iter(by_size)) for label, by_size in sizes.items()
+               if set(by_size) & {0, 1}}
+    mixed = {label: by_size for label, by_size in sizes.items()
+             if label in trivial and len(by_size) > 1}
+    if mixed:
+        label, by_size = next(iter(mixed.items()))
+        seen = "; ".join(f"{size} in {', '.join(where)}" for size, where in by_size.items())
+        raise UserError(
+            f"cannot export the dynamic axis {label!r} at a larger example size: the example "
+            f"inputs give it different sizes ({seen})",
+            stage="export",
+            hint=f"make the example inputs agree on {label!r}, at a size of 2 or more "
+            "(torch.export fixes an axis whose example size is 0 or 1)",
+        )
+    if not trivial:
+        return dict(tensors), {}
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, t in tensors.items():
+        for axis, label in input_axes.get(name, {}).items():
+            if label not in trivial:
+                continue
+            if t.shape[axis] == 1:
+                t = t.repeat_interleave(WIDENED_SIZE, dim=axis)
+            else:
+                shape = list(t.shape)
+                shape[axis] = WIDENED_SIZE
+                t = (torch.randn(shape, generator=g).to(t.dtype) if t.dtype.is_floating_point
+                     else torch.ones(shape, dtype=t.dtype) if t.dtype == torch.bool
+                     else torch.zeros(shape, dtype=t.dtype))
+        out[name] = t
+    return out, {label: (size, WIDENED_SIZE) for label, size in trivial.items()}
 
 
 def convert(module: nn.Module, example_inputs, dynamic_axes=None, **kwargs) -> ConvertResult:
@@ -170,10 +288,16 @@ def _convert(
     verify_inputs: Sequence[tuple[str, Mapping[str, torch.Tensor]]] | None = None,
     metadata: Mapping[str, Any] | None = None,
     on_stage: StageCallback | None = None,
+    constants: Mapping[str, Any] | None = None,
+    input_ranges: Mapping[str, tuple[int, int]] | None = None,
 ) -> ConvertResult:
     """Export ``module(**example_inputs)`` to ``output_dir/model.onnx`` and verify it.
 
-    ``dynamic_axes`` is ``{input or output name: {axis: symbolic name}}``.
+    ``dynamic_axes`` is ``{input or output name: {axis: symbolic name}}``. Non-tensor
+    values in ``example_inputs`` (and ``constants``) are fixed at export and recorded in the
+    manifest's ``constants``. The module may return any pytree of tensors (``ModelOutput``,
+    dicts, dataclasses, nested tuples); its outputs are named by their paths
+    (``qcexport.export.outputs``) and ``output_names`` keeps a subset of them.
     ``verify_inputs`` are (case name, inputs) pairs to compare on; by default two fresh
     random sets are made from the example inputs, one at the export shape and one with every
     dynamic axis resized.
@@ -198,8 +322,9 @@ def _convert(
             if on_stage:
                 on_stage(name, timings[name], "")
 
+    tensors, constants = split_inputs(example_inputs, constants)
     try:
-        reference = stage("eager", eager_outputs, module, example_inputs)
+        returned, flat_leaves = stage("eager", _eager, module, {**tensors, **constants})
     except UserError:
         raise
     except Exception as exc:
@@ -208,24 +333,38 @@ def _convert(
             stage="eager",
             hint="fix the module or the example inputs; module(**example_inputs) must run",
         ) from exc
-    output_names = list(output_names or _default_output_names(len(reference)))
-    if len(output_names) != len(reference):
-        raise UserError(f"{len(output_names)} output names for {len(reference)} outputs",
-                        stage="export", hint="give one name per output")
-    input_axes = {k: v for k, v in dynamic_axes.items() if k in example_inputs}
-    unknown = sorted(set(dynamic_axes) - set(example_inputs) - set(output_names))
+    plan = plan_outputs(flat_leaves, output_names)
+    output_names = plan.names
+    if set(dynamic_axes) & set(constants):
+        raise UserError(f"dynamic_axes names constant arguments "
+                        f"{sorted(set(dynamic_axes) & set(constants))}", stage="export",
+                        hint="only tensor inputs and outputs have axes")
+    input_axes = {k: v for k, v in dynamic_axes.items() if k in tensors}
+    unknown = sorted(set(dynamic_axes) - set(tensors) - set(output_names))
     if unknown:
         raise UserError(f"dynamic_axes names {unknown}, which are neither inputs "
-                        f"{list(example_inputs)} nor outputs {output_names}",
+                        f"{list(tensors)} nor outputs {output_names}",
                         stage="export", hint="use the module's input names")
+    export_example, widened = widen_trivial_axes(tensors, input_axes)
+    if widened:
+        warnings.append(
+            "exported at " + ", ".join(f"{label}={new} (example {old})"
+                                       for label, (old, new) in widened.items())
+            + ": torch.export fixes a dynamic axis whose example size is 0 or 1; the model is "
+            "still verified at the example size")
 
     export_opset = 23 if form in ("onnx", "ort") else 18
     set_fused(module, form != "decomposed")
     try:
-        model, expected, _log = stage("export", export_module, module, example_inputs,
-                                      output_names, input_axes, export_opset)
+        exported = stage("export", export_module, _flat(module, returned, tensors, constants,
+                                                        plan),
+                         export_example, output_names, input_axes, export_opset)
     finally:
         set_fused(module, True)
+    model, expected = exported.model, exported.sdpa_calls
+    for old, new in exported.renamed.items():
+        warnings.append(f"the graph value {old!r} (a parameter or an internal value) was "
+                        f"renamed {new!r} so that the output can keep the name {old!r}")
     if form == "decomposed":
         expected_fused = 0
     else:
@@ -262,9 +401,12 @@ def _convert(
     model = stage("check", _check, model, input_axes, meta)
 
     if verify_inputs is None:
-        verify_inputs = [("export_shape", resample(example_inputs, {}, seed=1)),
-                         ("other_shape", resample(example_inputs, input_axes, seed=2))]
-    records = stage("verify", _verify, model, module, verify_inputs, output_names)
+        verify_inputs = [("export_shape", resample(tensors, {}, seed=1)),
+                         ("other_shape", resample(tensors, input_axes, seed=2))]
+    verify_inputs = [(case, _verify_feed(case, inputs, tensors, constants))
+                     for case, inputs in verify_inputs]
+    flat = _flat(module, returned, tensors, constants, plan)
+    records = stage("verify", _verify, model, flat, verify_inputs, output_names)
     failed = [r for r in records if not r.passed]
     if failed:
         lines = "; ".join(f"{r.case}/{r.output}: max abs {r.max_abs:.3g}, cosine "
@@ -286,10 +428,14 @@ def _convert(
         "opset": opset,
         "model": MODEL_FILE,
         "weights_sha256": wsha,
-        "inputs": _io_spec(model.graph.input),
+        "inputs": _io_spec(model.graph.input, _input_ranges(model, input_ranges)),
         "outputs": _io_spec(model.graph.output),
         "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in dynamic_axes.items()},
-        "fused_attention": {"form": form, "expected": expected_fused, "found": found},
+        "output_structure": {**plan.structure(), "renamed_values": exported.renamed},
+        "constants": constants,
+        "export_sizes": {label: new for label, (_, new) in widened.items()},
+        "fused_attention": {"form": form, "expected": expected_fused, "found": found,
+                            "sdpa_calls": expected},
         "verification": [dataclasses.asdict(r) for r in records],
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "warnings": warnings,
@@ -309,11 +455,11 @@ def _convert(
                          warnings)
 
 
-def _default_output_names(n: int) -> list[str]:
-    return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
-
-
 def _simplify(model: onnx.ModelProto, warnings: list[str]) -> onnx.ModelProto:
+    if save.is_large(model):
+        warnings.append("the model is over the 2 GB protobuf limit, which onnxsim cannot read: "
+                        "kept the exporter's (already optimised) graph")
+        return model
     try:
         import onnxsim
 
@@ -377,8 +523,9 @@ def restore_node_metadata(original: onnx.ModelProto, simplified: onnx.ModelProto
 
 def _check(model: onnx.ModelProto, input_axes: AxisMap, meta: Mapping[str, str]) -> onnx.ModelProto:
     check_dynamic_axes(model, input_axes)  # the simplifier must not have fixed one either
-    onnx.checker.check_model(model)
-    onnx.shape_inference.infer_shapes(model, check_type=True)
+    check_model(model)
+    if not save.is_large(model):  # check_model ran it from disk for a large one
+        onnx.shape_inference.infer_shapes(model, check_type=True)
     del model.metadata_props[:]
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
@@ -386,7 +533,8 @@ def _check(model: onnx.ModelProto, input_axes: AxisMap, meta: Mapping[str, str])
     return model
 
 
-def _io_spec(values) -> list[dict[str, Any]]:
+def _io_spec(values, ranges: Mapping[str, tuple[int, int]] | None = None
+             ) -> list[dict[str, Any]]:
     specs = []
     for v in values:
         t = v.type.tensor_type
@@ -395,7 +543,39 @@ def _io_spec(values) -> list[dict[str, Any]]:
         specs.append({"name": v.name,
                       "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
                       "shape": shape})
+        if ranges and v.name in ranges:
+            low, high = ranges[v.name]
+            specs[-1]["range"] = {"min": int(low), "max": int(high)}
     return specs
+
+
+def _input_ranges(model: onnx.ModelProto, declared: Mapping[str, tuple[int, int]] | None
+                  ) -> dict[str, tuple[int, int]]:
+    """The valid values of each integer input: those the spec declares (``input_ranges``),
+    else what the graph shows generically: an input used as the indices of a Gather on an
+    initializer (an embedding table) must lie in [0, rows - 1]. Nothing for other inputs."""
+    from qcexport.export.lowering import iter_graphs
+
+    integer = {v.name for v in model.graph.input
+               if onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).kind in "iu"}
+    tables = {t.name: list(t.dims) for g in iter_graphs(model.graph) for t in g.initializer}
+    ranges: dict[str, tuple[int, int]] = {}
+    for graph in iter_graphs(model.graph):
+        for node in graph.node:
+            if node.op_type != "Gather" or len(node.input) < 2 or node.input[1] not in integer:
+                continue
+            dims = tables.get(node.input[0])
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if not dims or not -len(dims) <= axis < len(dims):
+                continue
+            rows = dims[axis]
+            _, high = ranges.get(node.input[1], (0, rows - 1))
+            ranges[node.input[1]] = (0, min(high, rows - 1))
+    unknown = sorted(set(declared or {}) - {v.name for v in model.graph.input})
+    if unknown:
+        raise UserError(f"input_ranges names {unknown}, which are not inputs of the model",
+                        stage="export", hint="name the model's inputs in input_ranges")
+    return {**ranges, **(declared or {})}
 
 
 def resample(

@@ -14,6 +14,7 @@ import logging
 import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import onnx
 import torch
@@ -21,6 +22,7 @@ from qcrun.errors import UserError
 from torch import nn
 
 AxisMap = Mapping[str, Mapping[int, str]]
+_PLACEHOLDER = "qcexport_output_"
 # The exporter colours its messages for terminals; a UserError message is plain text.
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -67,14 +69,17 @@ def export_module(
     output_names: list[str] | tuple[str, ...],
     dynamic_axes: AxisMap,
     opset: int,
-) -> tuple[onnx.ModelProto, int, str]:
-    """Export ``module`` called as ``module(**example_inputs)``.
+) -> ExportedGraph:
+    """Export ``module`` called as ``module(**example_inputs)``; it returns a tensor or a
+    flat tuple of tensors, one per name in ``output_names``.
 
-    Returns (model, number of SDPA calls captured, exporter log). Raises UserError naming the
-    axis when a dynamic axis was fixed and when capture fails.
+    Raises UserError naming the axis when a dynamic axis was fixed and when capture fails.
     """
     input_names = list(example_inputs)
     shapes = _dynamic_shapes(input_names, example_inputs, dynamic_axes)
+    # Placeholders first, the real names after: the exporter gives an output the name of a
+    # parameter of the same name and writes an invalid graph ("Duplicate definition").
+    placeholders = [f"{_PLACEHOLDER}{i}" for i in range(len(output_names))]
     log = io.StringIO()
     handler = logging.StreamHandler(log)
     torch_logger = logging.getLogger("torch")
@@ -95,7 +100,7 @@ def export_module(
                 opset_version=opset,
                 dynamic_shapes=shapes,
                 input_names=input_names,
-                output_names=list(output_names),
+                output_names=placeholders,
                 verbose=False,
                 optimize=True,
             )
@@ -106,8 +111,82 @@ def export_module(
         onnx_logger.setLevel(onnx_level)
         onnx_logger.propagate = onnx_propagate
     model = program.model_proto
+    if len(model.graph.output) != len(output_names):
+        raise UserError(
+            f"the exported graph has {len(model.graph.output)} outputs, not the "
+            f"{len(output_names)} planned ({', '.join(output_names)})",
+            stage="export",
+            hint="return only tensors from forward (non-tensor outputs are dropped by qcexport "
+            "before export; this is a bug if it happens)",
+        )
+    renamed = name_outputs(model, output_names)
     check_dynamic_axes(model, dynamic_axes)
-    return model, sdpa_count(program.exported_program), log.getvalue()
+    return ExportedGraph(model, sdpa_count(program.exported_program), log.getvalue(), renamed)
+
+
+@dataclass
+class ExportedGraph:
+    model: onnx.ModelProto
+    sdpa_calls: int  # scaled_dot_product_attention calls captured (cond branches included)
+    log: str
+    renamed: dict[str, str]  # a value renamed to free an output name: old name -> new name
+
+
+def _all_graph_names(model: onnx.ModelProto) -> set[str]:
+    from qcexport.export.lowering import iter_graphs
+
+    names: set[str] = set()
+    for g in iter_graphs(model.graph):
+        names |= {i.name for i in g.input} | {i.name for i in g.initializer}
+        names |= {o for n in g.node for o in n.output}
+    return names
+
+
+def rename_value(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Rename value ``old`` to ``new`` everywhere: producers, consumers (subgraphs too, which
+    may read outer values), initializers, graph inputs/outputs and value_info."""
+    from qcexport.export.lowering import iter_graphs
+
+    for g in iter_graphs(model.graph):
+        for node in g.node:
+            for seq in (node.input, node.output):
+                for i, name in enumerate(seq):
+                    if name == old:
+                        seq[i] = new
+        for vi in [*g.input, *g.output, *g.value_info, *g.initializer]:
+            if vi.name == old:
+                vi.name = new
+
+
+def name_outputs(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
+    """Give the graph outputs their names. An internal value (a parameter's initializer, a
+    node's output) that already has one of the names is renamed to ``<name>.param`` (or a
+    numbered variant) first, so the output keeps the name the user asked for; returns those
+    renames. A name that is a graph input cannot be freed: that is an error."""
+    inputs = {i.name for i in model.graph.input}
+    clash = sorted(set(names) & inputs)
+    if clash:
+        raise UserError(
+            f"outputs {clash} have the names of graph inputs",
+            stage="export",
+            hint="choose other output names (output_names=[...] / --outputs), or rename the "
+            "module's inputs",
+        )
+    taken = _all_graph_names(model)
+    renamed: dict[str, str] = {}
+    for name in names:
+        if name in taken:
+            fresh, n = f"{name}.param", 1
+            while fresh in taken:
+                n += 1
+                fresh = f"{name}.param{n}"
+            rename_value(model, name, fresh)
+            taken.add(fresh)
+            renamed[name] = fresh
+    for out, name in zip(list(model.graph.output), names, strict=True):
+        if out.name != name:
+            rename_value(model, out.name, name)
+    return renamed
 
 
 def _capture_error(exc: Exception, log: str) -> UserError:
@@ -138,12 +217,38 @@ def _capture_error(exc: Exception, log: str) -> UserError:
             hint="replace `if tensor...:` with torch.where / torch.cond, or compute both "
             "branches and select",
         )
+    cause, node = _root_cause(text)
+    if cause:
+        where = f" (while translating {node})" if node else ""
+        sdpa = "scaled_dot_product_attention" in (node or "") or "4D query" in cause
+        return UserError(
+            f"torch.onnx.export could not convert the module: {cause}{where}",
+            stage="export",
+            hint="pass 4-D q/k/v (batch, heads, tokens, head_dim) to "
+            "scaled_dot_product_attention, or compute attention with matmul/softmax"
+            if sdpa else "rewrite the operation the exporter cannot translate, or export with "
+            "torch.onnx.export(..., report=True) for the full report",
+        )
     return UserError(
         f"torch.onnx.export could not capture the module: {first}",
         stage="export",
         hint="check that module(**example_inputs) runs in eager mode; rerun with "
         "TORCH_LOGS=+dynamic for the exporter's detail",
     )
+
+
+def _root_cause(text: str) -> tuple[str, str]:
+    """The innermost exception of the exporter's "## Exception summary" (its first line says
+    only which step failed, then "Next steps:") and the node it was translating."""
+    if "## Exception summary" not in text:
+        return "", ""
+    summary = text.split("## Exception summary", 1)[1]
+    causes = re.findall(r"^<class '(?:[\w.]*\.)?(\w+)'>: (.+)$", summary, flags=re.MULTILINE)
+    if not causes:
+        return "", ""
+    kind, message = causes[0]
+    node = re.search(r"target=torch\.ops\.([\w.]+?)(?:\.default)?\]", summary)
+    return f"{kind}: {message.strip()[:400]}", node.group(1) if node else ""
 
 
 def check_dynamic_axes(model: onnx.ModelProto, dynamic_axes: AxisMap) -> None:

@@ -105,5 +105,6 @@ register(
         ),
         export_case=Case("export", {"batch": 2, "tokens": 37, "m": 6}),
         verify_case=Case("verify", {"batch": 3, "tokens": 101, "m": 11}),
+        input_ranges=lambda c: {"num_queries": (1, c.max_queries)},
     )
 )

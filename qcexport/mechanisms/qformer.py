@@ -157,5 +157,6 @@ register(
         ),
         export_case=Case("export", {"batch": 2, "tokens": 37, "text": 5, "pad": True}),
         verify_case=Case("verify", {"batch": 3, "tokens": 101, "text": 9, "pad": True}),
+        input_ranges=lambda c: {"text_ids": (0, c.vocab_size - 1)},
     )
 )

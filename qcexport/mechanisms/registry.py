@@ -54,6 +54,10 @@ class MechanismSpec:
     quantize_exclude: tuple[str, ...] = ()
     # Config overrides per precision, where a precision needs another export of the same math.
     precision_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # input_ranges(config) -> {input name: (min, max)}, both included: the values an integer
+    # input may hold (token ids < vocab, a query count in [1, M]). Recorded in the manifest;
+    # qcrun.load refuses others, as PyTorch would.
+    input_ranges: Callable[[Any], Mapping[str, tuple[int, int]]] | None = None
 
     def config(self, preset: str = "tiny", **overrides) -> Any:
         if preset not in self.presets:

@@ -10,9 +10,9 @@ exceeds the precision's policy is not written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
-import shutil
+import hashlib
 import tempfile
 import time
 from collections.abc import Sequence
@@ -21,11 +21,13 @@ from typing import Any
 
 import numpy as np
 from qcrun.errors import UserError
+from qcrun.files import manifest_json, read_model_dir
 from qcrun.golden import file_sha256
+from qcrun.schema import dump
 from qcrun.targets import get_target
 
 from qcexport.export.pipeline import MANIFEST_FILE, MODEL_FILE
-from qcexport.export.save import prepare_output_dir, write_json_atomic
+from qcexport.export.save import prepare_output_dir, replace_pair, write_file
 from qcexport.optimize.precision import (
     CALIBRATION_METHODS,
     PRECISIONS,
@@ -51,13 +53,14 @@ class QuantizeResult:
     seconds: float
 
 
-def _spec_feeds(manifest: dict, count: int, seed: int) -> list[tuple[str, dict[str, np.ndarray]]]:
-    """Inputs from the mechanism's example-input factory, cycling through its golden cases'
-    shapes and flags (padding, branches, m...) with seeds of their own."""
+def _spec_feeds(manifest, count: int, seed: int) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """Inputs from the mechanism's example-input factory (``manifest``: a
+    ``qcrun.files.ModelManifest``), cycling through its golden cases' shapes and flags
+    (padding, branches, m...) with seeds of their own."""
     from qcexport import mechanisms
 
-    spec = mechanisms.get(manifest["mechanism"])
-    config = spec.config_cls(**manifest["config"])
+    spec = mechanisms.get(manifest.mechanism)
+    config = spec.config_cls(**(manifest.config or {}))
     feeds = []
     for i in range(count):
         case = spec.golden_cases[i % len(spec.golden_cases)]
@@ -80,7 +83,22 @@ def check_target_precision(target: str, precision: str) -> None:
         )
 
 
-def quantize_model_dir(
+def quantize_model_dir(model_dir: str | Path, precision: str, output_dir: str | Path,
+                       **options) -> QuantizeResult:
+    """Quantize ``model_dir`` into ``output_dir`` (see ``_quantize_model_dir``). An output
+    directory created for a quantization that fails is removed again if it is still empty."""
+    out = Path(output_dir)
+    created = not out.exists()
+    try:
+        return _quantize_model_dir(model_dir, precision, output_dir, **options)
+    except BaseException:
+        if created and out.is_dir():
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty: never remove what someone else put there
+        raise
+
+
+def _quantize_model_dir(
     model_dir: str | Path,
     precision: str,
     output_dir: str | Path,
@@ -95,30 +113,28 @@ def quantize_model_dir(
 ) -> QuantizeResult:
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(output_dir)
-    src = model_dir / MODEL_FILE
-    manifest_path = model_dir / MANIFEST_FILE
-    if not src.is_file() or not manifest_path.is_file():
-        raise UserError(f"{model_dir} is not an exported model directory", stage="quantize",
-                        hint="pass the output directory of `qcexport convert`")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("precision", "fp32") != "fp32":
-        raise UserError(f"{model_dir} is already {manifest['precision']}", stage="quantize",
+    # types, paths, hashes and the graph's precision checked: a truncated or edited model
+    # is refused before any work
+    source = read_model_dir(model_dir, stage="quantize")
+    manifest, src = source.manifest, source.model
+    if manifest.precision != "fp32":
+        raise UserError(f"{model_dir} is already {manifest.precision}", stage="quantize",
                         hint="quantize the fp32 model directory instead")
     if out_dir.resolve() == model_dir.resolve():
         raise UserError("the output directory is the fp32 model's directory", stage="quantize",
                         hint="pass another -o; the fp32 model is kept as the reference")
-    target = target or manifest.get("target", "ort-cpu")
+    target = target or manifest.target or "ort-cpu"
     check_target_precision(target, precision)
-    builtin = manifest.get("mechanism") not in (None, "custom")
+    builtin = manifest.builtin
     if builtin:
         from qcexport import mechanisms
 
-        exclude_modules = [*mechanisms.get(manifest["mechanism"]).quantize_exclude, *exclude_modules]
+        exclude_modules = [*mechanisms.get(manifest.mechanism).quantize_exclude, *exclude_modules]
 
     calibration = None
     if precision == "int8-static":
         if calibration_file:
-            calibration = calibration_from_npz(calibration_file, manifest["inputs"])
+            calibration = calibration_from_npz(calibration_file, manifest.input_specs())
         elif builtin:
             feeds = [f for _, f in _spec_feeds(manifest, calibration_cases, CALIBRATION_SEED)]
             calibration = Calibration("factory", feeds, feeds_sha256(feeds))
@@ -130,7 +146,7 @@ def quantize_model_dir(
     elif calibration is not None:
         evaluation = [(f"calibration#{i}", f) for i, f in enumerate(calibration.feeds[:evaluation_cases])]
     else:
-        evaluation = [("example", _random_feed(manifest["inputs"]))]
+        evaluation = [("example", _random_feed(manifest.input_specs()))]
 
     prepare_output_dir(out_dir)
     with tempfile.TemporaryDirectory(prefix="qcexport-quantize-") as tmp:
@@ -152,7 +168,7 @@ def quantize_model_dir(
                 "or try another --method / more --calibration-cases",
             )
         out_manifest = {
-            **manifest,
+            **dump(manifest),
             "precision": precision,
             "quantization": settings.to_dict(),
             "calibration": calibration.describe() if calibration else None,
@@ -160,10 +176,19 @@ def quantize_model_dir(
             "source_model": {"path": str(src), "sha256": file_sha256(src)},
         }
         out_manifest.pop("files", None)
-        shutil.copyfile(staged, out_dir / f".{MODEL_FILE}.tmp")
-        (out_dir / f".{MODEL_FILE}.tmp").replace(out_dir / MODEL_FILE)
-    out_manifest["model_sha256"] = file_sha256(out_dir / MODEL_FILE)
-    write_json_atomic(out_dir / MANIFEST_FILE, out_manifest)
+        out_manifest.pop("files_sha256", None)
+        model_bytes = staged.read_bytes()
+    out_manifest["model_sha256"] = hashlib.sha256(model_bytes).hexdigest()
+    out_manifest["files"] = [MODEL_FILE]
+    out_manifest["model"] = MODEL_FILE
+
+    def write(new: Path) -> list[str]:
+        write_file(new / MODEL_FILE, model_bytes)
+        write_file(new / MANIFEST_FILE, manifest_json(out_manifest).encode())
+        return [MODEL_FILE, MANIFEST_FILE]
+
+    # one unit: an fp16 model never sits under an int8 manifest, whatever fails
+    replace_pair(out_dir, write, manifest=MANIFEST_FILE, model=MODEL_FILE)
     return QuantizeResult(out_dir / MODEL_FILE, out_manifest, loss, time.perf_counter() - start)
 
 

@@ -26,6 +26,7 @@ import io
 import logging
 import platform
 import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -159,13 +160,24 @@ def calibration_from_npz(path: str | Path, inputs: Sequence[Mapping[str, Any]]) 
     ``inputs`` are the model's input specs (name, dtype, shape) from its manifest.
     """
     path = Path(path)
+    hint = "save it with numpy.savez(path, **{input_name: samples}) of numeric arrays"
     try:
+        # allow_pickle=False: a calibration file must never run code. Object arrays (which
+        # need pickle) are refused when read, so every member is read inside the guard.
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read calibration file {path}: {exc}", stage="calibrate",
-                        hint="save it with numpy.savez(path, **{input_name: samples})") from exc
-    with data:
-        arrays = {k: data[k] for k in data.files}
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise UserError(f"calibration file {path} is a single array, not an .npz archive",
+                            stage="calibrate", hint=hint)
+        with data:
+            arrays = {k: data[k] for k in data.files}
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        pickled = "allow_pickle" in str(exc) or "Object arrays" in str(exc)
+        why = ("it holds pickled (object) arrays, which are refused because loading them can "
+               "run code" if pickled else f"{type(exc).__name__}: {exc}")
+        raise UserError(f"cannot read calibration file {path}: {why}", stage="calibrate",
+                        hint=hint) from exc
     names = [i["name"] for i in inputs]
     problems = []
     missing, extra = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
@@ -390,6 +402,21 @@ def _f(value) -> float:
     return float("nan") if value is None else float(value)
 
 
+def load_checked(path: Path, *, stage: str) -> onnx.ModelProto:
+    """The ONNX model at ``path``, or a UserError when it is truncated, corrupt or invalid."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(path)
+        onnx.checker.check_model(model)
+    except (DecodeError, OSError, ValueError, onnx.checker.ValidationError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {first})",
+                        stage=stage, hint="the file is truncated or damaged: export it again "
+                        "with `qcexport convert`") from exc
+    return model
+
+
 def quantize_file(
     src: Path, dst: Path, precision: str, *,
     calibration: Calibration | None = None,
@@ -400,7 +427,7 @@ def quantize_file(
     """Write the ``precision`` version of the fp32 model at ``src`` to ``dst``."""
     if precision not in PRECISIONS or precision == "fp32":
         raise unknown_choice("precision", precision, PRECISIONS[1:], flag="--precision")
-    model = onnx.load(src)
+    model = load_checked(src, stage="quantize")
     already = reduced_precision_of(model)
     if already:
         raise UserError(f"{src} is already reduced precision: {already}", stage="quantize",

@@ -33,11 +33,10 @@ extracted copy; calls after it are an error.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ from qcrun.adapters import (
 )
 from qcrun.bundle import Bundle, is_bundle, open_bundle
 from qcrun.errors import UserError
+from qcrun.files import ValueRange, read_model_dir
 from qcrun.targets import Target, availability, get_target
 
 #: Target preference of ``target="auto"``, best first; targets in one tuple share a rank, and
@@ -96,6 +96,8 @@ class _Source:
     precision: str | None
     bundle: Bundle | None = None
     owns_bundle: bool = False  # opened by load (closed with the model), not passed in
+    # input name -> the values it may hold (recorded at export; PyTorch raises outside them)
+    ranges: Mapping[str, ValueRange] = field(default_factory=dict)
 
 
 def auto_order(bundle_target: str | None = None) -> list[str]:
@@ -186,6 +188,10 @@ class Model:
         self._check_spec(engine_inputs)
         self._lock = None if adapter.engine in ("onnxruntime", "openvino") else threading.Lock()
         self._closed = False
+        # Calls in flight, so that close() waits for them before releasing the engine: a
+        # session freed under a running call would crash in native code.
+        self._calls = threading.Condition()
+        self._in_flight = 0
 
     def _check_spec(self, engine_inputs: list[TensorInfo]) -> None:
         """The declared spec must be the model's: every declared input known to the engine
@@ -237,10 +243,22 @@ class Model:
         return self.run(inputs)
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Run one set of inputs (name -> array); returns every output by name."""
-        if self._closed:
-            raise UserError(f"{self._source.label} on {self.target} was closed",
-                            stage="run", hint="load it again with qcrun.load")
+        """Run one set of inputs (name -> array); returns every output by name. Safe against
+        a concurrent ``close()``: a call that started finishes first, a later one is a
+        UserError."""
+        with self._calls:
+            if self._closed:
+                raise UserError(f"{self._source.label} on {self.target} was closed",
+                                stage="run", hint="load it again with qcrun.load")
+            self._in_flight += 1
+        try:
+            return self._run(inputs)
+        finally:
+            with self._calls:
+                self._in_flight -= 1
+                self._calls.notify_all()
+
+    def _run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if not isinstance(inputs, Mapping):
             raise UserError(f"inputs must be a mapping of input name to array, not "
                             f"{type(inputs).__name__}", stage="run",
@@ -263,6 +281,7 @@ class Model:
         feed again against the engine's own view before running it."""
         problems = [f"input {k!r} is not an input of the model" for k in inputs
                     if k not in {i.name for i in self.inputs}]
+        out_of_range: list[str] = []
         sizes: dict[str, tuple[int, str]] = {}
         for spec in self.inputs:
             if spec.name not in inputs:
@@ -270,6 +289,8 @@ class Model:
                 continue
             array = np.asarray(inputs[spec.name])
             found = _array_problems(spec, array)
+            if not found and spec.name in self._source.ranges:
+                out_of_range += _range_problems(spec.name, array, self._source.ranges[spec.name])
             problems += found
             if found or spec.shape is None:
                 continue
@@ -285,6 +306,12 @@ class Model:
         on_tensorrt = bundle is not None and self._adapter.target.needs_profile_shapes
         outside = bundle.profile_problems(inputs) if on_tensorrt and not problems else []
         problems += outside
+        if out_of_range and not problems:
+            raise UserError(
+                f"inputs out of range for {self._source.label}: {'; '.join(out_of_range)}",
+                stage="run",
+                hint="token ids must lie in [0, vocabulary size), counts and masks in the range "
+                "the model was exported with (the manifest's inputs[].range)")
         if problems:
             expected = ", ".join(i.describe() for i in self.inputs)
             raise UserError(
@@ -300,9 +327,12 @@ class Model:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Release the engine once the calls in flight have finished; later calls fail."""
+        with self._calls:
+            if self._closed:
+                return
+            self._closed = True
+            self._calls.wait_for(lambda: self._in_flight == 0)
         self._adapter.close()
         if self._source.owns_bundle:
             self._source.bundle.close()
@@ -321,6 +351,8 @@ def load(
     verify: bool = True,
     cache_dir: str | Path | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    trusted_keys: Sequence[Any] | None = None,
+    expect_sha256: str | None = None,
 ) -> Model:
     """Load a bundle (directory or .tar.gz), a model directory or an .onnx file on a target.
 
@@ -333,8 +365,14 @@ def load(
     bundle is ``BundleDamaged``, naming the files). ``cache_dir`` is where TensorRT engine and
     timing caches go (default $QCRUN_CACHE_DIR or ~/.cache/qcrun). ``options`` maps a target
     name to extra adapter options (e.g. ``{"ort-cpu": {"intra_op_threads": 2}}``).
+
+    ``trusted_keys`` (Ed25519 public keys: PEM file paths, PEM bytes or key objects; needs
+    ``qcrun[sign]``): the bundle must be signed by one of them, else ``BundleUntrusted``.
+    ``expect_sha256``: the bundle's manifest sha256 must be this one (pinned without keys).
+    Both are checked before anything else is read, and apply to bundles only.
     """
-    source = _open_source(path_or_bundle, verify=verify)
+    source = _open_source(path_or_bundle, verify=verify, trusted_keys=trusted_keys,
+                          expect_sha256=expect_sha256)
     try:
         return _load_source(source, target, cache_dir=cache_dir, options=options or {})
     except BaseException:
@@ -343,47 +381,69 @@ def load(
         raise
 
 
-def _open_source(path_or_bundle, *, verify: bool) -> _Source:
+def _open_source(path_or_bundle, *, verify: bool, trusted_keys=None,
+                 expect_sha256=None) -> _Source:
     if isinstance(path_or_bundle, Bundle) or is_bundle(path_or_bundle):
         bundle = (path_or_bundle if isinstance(path_or_bundle, Bundle)
                   else open_bundle(path_or_bundle))
-        if verify:
-            try:
+        try:
+            if trusted_keys is not None or expect_sha256 is not None:
+                bundle.authenticate(trusted_keys=trusted_keys, expect_sha256=expect_sha256)
+            if verify:
                 bundle.require_intact()
-            except BaseException:
-                if not isinstance(path_or_bundle, Bundle):
-                    bundle.close()
-                raise
+        except BaseException:
+            if not isinstance(path_or_bundle, Bundle):
+                bundle.close()
+            raise
         return _Source(bundle.model_path, str(bundle.source), bundle.inputs, bundle.outputs,
                        bundle.attention, bundle.opset, bundle.precision, bundle,
-                       owns_bundle=not isinstance(path_or_bundle, Bundle))
+                       owns_bundle=not isinstance(path_or_bundle, Bundle),
+                       ranges=_ranges(bundle.spec.inputs))
+    if trusted_keys is not None or expect_sha256 is not None:
+        raise UserError(f"{path_or_bundle} is not a bundle: trusted_keys and expect_sha256 "
+                        "check bundles", stage="trust",
+                        hint="load a bundle written by `qcexport bundle --sign KEY`, or drop "
+                        "trusted_keys / expect_sha256")
     path = Path(path_or_bundle)
     if path.is_dir():
-        manifest_path, model_path = path / "manifest.json", path / "model.onnx"
-        if not manifest_path.is_file():
+        if not (path / "manifest.json").is_file():
             raise UserError(f"{path} is neither a bundle nor a model directory (no bundle.json "
                             "or manifest.json)", stage="load",
                             hint="pass a bundle written by `qcexport bundle`, a model directory "
                             "written by `qcexport convert`, or an .onnx file")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{manifest_path} is not valid JSON: {e}", stage="load") from None
-        model_path = path / manifest.get("model", model_path.name)
+        # types, paths, hashes and the graph's precision, checked before the engine sees it
+        model = read_model_dir(path, stage="load")
+        manifest = model.manifest
 
-        def infos(key):
-            specs = manifest.get(key)
-            return [TensorInfo(s["name"], s.get("dtype"), tuple(s["shape"])) for s in specs] \
-                if specs else None
+        def infos(specs):
+            return [TensorInfo(s.name, s.dtype, tuple(s.shape)) for s in specs] or None
 
-        return _Source(model_path, str(path), infos("inputs"), infos("outputs"),
-                       manifest.get("attention"), manifest.get("opset"),
-                       manifest.get("precision"))
+        return _Source(model.model, str(path), infos(manifest.inputs), infos(manifest.outputs),
+                       manifest.attention, manifest.opset, model.precision,
+                       ranges=_ranges(manifest.inputs))
     if path.suffix == ".onnx" or path.is_file():
         # A bare model: its form and precision are unknown, so every target is a candidate.
         return _Source(path, str(path), None, None, None, None, None)
     raise UserError(f"{path} does not exist", stage="load",
                     hint="pass a bundle, a model directory or an .onnx file")
+
+
+def _ranges(specs) -> dict[str, ValueRange]:
+    return {s.name: s.range for s in specs if getattr(s, "range", None) is not None}
+
+
+def _range_problems(name: str, array: np.ndarray, allowed: ValueRange) -> list[str]:
+    """Values of an integer or boolean input outside ``allowed``: the engine would not refuse
+    them (a Gather wraps a negative id around), so the model would compute garbage where
+    PyTorch raises."""
+    if array.size == 0 or array.dtype.kind not in "iub":
+        return []
+    low, high = array.min(), array.max()
+    if low >= allowed.min and high <= allowed.max:
+        return []
+    bad = low if low < allowed.min else high
+    return [f"input {name!r} holds {bad.item()!r}, outside its valid range "
+            f"[{allowed.min}, {allowed.max}]"]
 
 
 def _incompatibility(source: _Source):

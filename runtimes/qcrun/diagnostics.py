@@ -193,13 +193,14 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float | None:
 # --- reading the model's outputs -------------------------------------------------------------
 
 
-def require_maps(manifest: Mapping[str, Any], output_names: Sequence[str], source: str) -> dict:
-    """The attention-map descriptor of a model, or a UserError saying how to get one."""
-    descriptor = manifest.get("attention_maps")
+def require_maps(manifest, output_names: Sequence[str], source: str) -> dict:
+    """The attention-map descriptor of a model (``manifest``: a ``qcrun.files.ModelManifest``),
+    or a UserError saying how to get one."""
+    descriptor = manifest.attention_maps
     hint = REEXPORT_HINT
-    if manifest.get("mechanism") and manifest.get("mechanism") != "custom":
-        hint = (f"re-export it with `qcexport convert {manifest['mechanism']} --preset "
-                f"{manifest.get('preset', 'tiny')} --with-attention-maps`")
+    if manifest.builtin:
+        hint = (f"re-export it with `qcexport convert {manifest.mechanism} --preset "
+                f"{manifest.preset or 'tiny'} --with-attention-maps`")
     if not descriptor:
         raise UserError(
             f"{source} has no attention-map outputs (its outputs: {', '.join(output_names)})",
@@ -646,14 +647,16 @@ class InspectSource:
 
     directory: Any  # pathlib.Path
     model: Any  # pathlib.Path of the .onnx file
-    manifest: Mapping[str, Any]
+    manifest: Any  # qcrun.files.ModelManifest
+    golden_dir: Any = None  # pathlib.Path of the golden set the directory holds, if any
 
 
 def open_source(path) -> InspectSource:
-    """Find the model and its manifest in a model directory, or in a bundle (directory or
+    """The checked model and manifest of a model directory, or of a bundle (directory or
     archive, verified first when ``qcrun.bundle`` is there to read it)."""
-    import json
     from pathlib import Path
+
+    from qcrun.files import check_model_dir, read_model_dir
 
     directory = Path(path)
     try:
@@ -661,30 +664,19 @@ def open_source(path) -> InspectSource:
     except ImportError:  # a qcrun without bundle support: directories only
         is_bundle = None
     if is_bundle is not None and directory.exists() and is_bundle(directory):
-        model, manifest = resolve_model(directory)  # checks every file's hash
-        return InspectSource(model.parent, model, manifest)
+        model, data = resolve_model(directory)  # checks every file's hash
+        checked = check_model_dir(model.parent, data, where=f"bundle {directory}",
+                                  stage="inspect")
+        return InspectSource(checked.path, checked.model, checked.manifest,
+                             checked.golden_dir())
     if not directory.is_dir():
         hint = ("unpack the bundle archive first (tar xzf) and pass its directory"
                 if str(directory).endswith((".tar.gz", ".tgz")) else
                 "pass the output directory of `qcexport convert ... --with-attention-maps` or "
                 "a bundle directory")
         raise UserError(f"{directory} is not a directory", stage="inspect", hint=hint)
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file():
-        raise UserError(f"{directory} has no manifest.json", stage="inspect",
-                        hint="pass a model directory written by `qcexport convert`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{manifest_path} is not valid JSON: {exc}", stage="inspect") from None
-    named = manifest.get("model")
-    candidates = [directory / named] if isinstance(named, str) else []
-    candidates += sorted(directory.glob("*.onnx"))
-    model = next((c for c in candidates if c.is_file()), None)
-    if model is None:
-        raise UserError(f"{directory} holds no ONNX model", stage="inspect",
-                        hint="pass a model directory written by `qcexport convert`")
-    return InspectSource(directory, model, manifest)
+    checked = read_model_dir(directory, stage="inspect")
+    return InspectSource(checked.path, checked.model, checked.manifest, checked.golden_dir())
 
 
 def golden_feeds(golden, names: Sequence[str] = ()) -> list[tuple[str, dict[str, np.ndarray]]]:

@@ -10,7 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from qcrun.errors import UserError
+from qcrun.onnxfile import GraphSummary, read_summary
+from qcrun.schema import check_relpath, dump, inside, parse, read_json
+from qcrun.targets import PRECISIONS
 
 
 def _umask() -> int:
@@ -54,30 +61,264 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 
 
-def read_model_dir(model_dir: str | os.PathLike, *, stage: str | None = None,
-                   required: tuple[str, ...] = ()) -> dict:
-    """The manifest of an exported model directory (``model.onnx`` + ``manifest.json``),
-    or a UserError saying what is missing or unreadable. ``required``: keys it must have."""
+# --- the model directory: manifest.json + model.onnx, typed and checked ----------------------
+
+Precision = Literal[PRECISIONS]
+
+
+@dataclass(frozen=True)
+class ValueRange:
+    """The values an integer input may hold, both ends included (token ids in [0, vocab-1],
+    a query count in [1, M], a 0/1 mask): outside it the model computes garbage (a Gather
+    wraps around) where PyTorch raises."""
+
+    min: int
+    max: int
+
+    def __post_init__(self):
+        if self.min > self.max:
+            raise UserError(f"value range [{self.min}, {self.max}] is empty", stage="manifest")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output: name, numpy dtype name and shape (ints, or the names of
+    symbolic axes; None where the exporter left a dimension unnamed)."""
+
+    name: str
+    dtype: str
+    shape: list[int | str | None]
+    range: ValueRange | None = None
+
+
+@dataclass(frozen=True)
+class FusedAttention:
+    form: str
+    expected: int
+    found: int
+    sdpa_calls: int | None = None
+    sdpa_calls: int | None = None  # captured from the module (0: its own matmul/softmax)
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """The fp32 model a reduced-precision one was made from (recorded, never opened)."""
+
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """``manifest.json`` of a model directory, as ``qcexport convert`` / ``quantize`` and
+    ``qcexport bundle`` write it.
+
+    ``precision`` must agree with the graph and ``model_sha256`` / ``files_sha256`` with the
+    files: both are checked by :func:`read_model_dir`. ``tolerances`` is what an older bundle
+    recorded; no verdict reads it (the policy is qcrun's or one the user names).
+    """
+
+    VERSIONS: ClassVar[tuple[int, ...]] = (1,)
+    VERSION_KEY: ClassVar[str] = "format"
+
+    format: int
+    precision: Precision
+    model: str
+    model_sha256: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    target: str | None = None
+    attention: str | None = None
+    opset: int | None = None
+    mechanism: str | None = None
+    preset: str | None = None
+    config: dict[str, Any] | None = None
+    factory: str | None = None
+    attention_maps: dict[str, Any] | None = None
+    weights_sha256: str | None = None
+    dynamic_axes: dict[str, dict[str, str]] = field(default_factory=dict)
+    output_structure: dict[str, Any] | None = None
+    constants: dict[str, Any] | None = None
+    export_sizes: dict[str, int] | None = None
+    fused_attention: FusedAttention | None = None
+    verification: list[dict[str, Any]] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    files: list[str] | None = None
+    files_sha256: dict[str, str] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    accuracy_loss: list[dict[str, Any]] | None = None
+    source_model: SourceModel | None = None
+    golden: str | None = None
+    tolerances: dict[str, Any] | None = None
+    profile_shapes: dict[str, list[int]] | None = None
+    # How the module's structured outputs map to graph outputs (names are pytree paths), the
+    # non-tensor arguments fixed at export, and axes exported at another size than the example.
+    output_structure: dict[str, Any] | None = None
+    constants: dict[str, Any] | None = None
+    export_sizes: dict[str, int] | None = None
+    # Where a user's module came from beyond a factory (a Hugging Face component: its
+    # path or hub id, component, classes and transformers version).
+    source: dict[str, Any] | None = None
+
+    def input_specs(self) -> list[dict[str, Any]]:
+        """The input specs in their JSON form, for the functions that take plain specs
+        (synthetic feeds, sweeps)."""
+        return [dump(s) for s in self.inputs]
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((s for s in self.inputs if s.name == name), None)
+
+    @property
+    def builtin(self) -> bool:
+        """Whether the model is a registered mechanism (not a user's module)."""
+        return self.mechanism not in (None, "custom")
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A checked model directory: its manifest, the model file and every file it reads."""
+
+    path: Path
+    manifest: ModelManifest
+    model: Path
+    files: tuple[Path, ...]
+    graph: GraphSummary
+
+    @property
+    def precision(self) -> str:
+        return self.manifest.precision
+
+    def check_weights(self, golden) -> None:
+        """Refuse a golden set made from other weights than the model (their state-dict hashes
+        differ): the comparison would fail for the wrong reason, or pass by accident. The
+        same for a user's module whose golden outputs were computed with other non-tensor
+        arguments than the graph fixes (``constants`` of both manifests)."""
+        recorded = golden.manifest.constants
+        if recorded is not None and recorded != (self.manifest.constants or {}):
+            raise UserError(
+                f"golden set {golden.path} was computed with the non-tensor arguments "
+                f"{recorded}, but the model in {self.path} fixes {self.manifest.constants or {}}",
+                stage="golden",
+                hint="write the golden set with the arguments the model was converted with")
+        if self.manifest.weights_sha256 is None or golden.weights_path is None:
+            return
+        from qcrun.golden import weights_sha256
+
+        actual = weights_sha256(golden.weights_path)
+        if actual != self.manifest.weights_sha256:
+            raise UserError(
+                f"golden set {golden.path} holds weights {actual}, but the model in {self.path} "
+                f"was exported from weights {self.manifest.weights_sha256}", stage="golden",
+                hint="pass --golden with the golden set of these weights, or re-export the "
+                "model from the golden set's weights")
+
+    def golden_dir(self) -> Path | None:
+        """The golden set the manifest names (inside the directory), else ``golden/`` when
+        there is one."""
+        if self.manifest.golden is not None:
+            return inside(self.path, self.manifest.golden, where=str(self.path / MANIFEST_FILE),
+                          field="golden")
+        default = self.path / "golden"
+        return default if (default / MANIFEST_FILE).is_file() else None
+
+
+def parse_model_manifest(data: object, *, where: str, stage: str = "manifest") -> ModelManifest:
+    """A model manifest from parsed JSON, checked (types, keys, version, paths)."""
+    manifest = parse(ModelManifest, data, where=where, stage=stage)
+    check_relpath(manifest.model, where=where, field="model", stage=stage)
+    for name in manifest.files or ():
+        check_relpath(name, where=where, field="files entry", stage=stage)
+    if manifest.golden is not None:
+        check_relpath(manifest.golden, where=where, field="golden", stage=stage)
+    return manifest
+
+
+def manifest_json(manifest: ModelManifest | dict) -> str:
+    """The one serialisation of a model manifest (a dict is validated through the schema
+    first, so nothing is written that :func:`read_model_dir` would refuse)."""
     import json
 
-    from qcrun.errors import UserError
+    if isinstance(manifest, dict):
+        manifest = parse_model_manifest(manifest, where="the manifest being written",
+                                        stage="save")
+    return json.dumps(dump(manifest), indent=2) + "\n"
 
+
+def read_model_dir(model_dir: str | os.PathLike, *, stage: str | None = None,
+                   required: tuple[str, ...] = ()) -> ModelDir:
+    """The checked model directory at ``model_dir``, or a UserError naming what is wrong.
+
+    Checked before anything runs: the manifest's types, keys and version; that every path it
+    names stays inside the directory; ``model_sha256`` and the hash of every other file it
+    lists; that the precision it claims is the graph's; that the weights hash in the model's
+    metadata is the manifest's. ``required``: optional manifest fields that must be set.
+    """
+    stage = stage or "manifest"
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST_FILE
     if not path.is_file():
         raise UserError(f"{model_dir} is not an exported model directory (it needs "
                         f"{MODEL_FILE} and {MANIFEST_FILE})", stage=stage,
                         hint="pass the output directory of `qcexport convert`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"model manifest {path} is not valid JSON: {e}", stage=stage) from None
-    model = model_dir / manifest.get("model", MODEL_FILE)
-    if not model.is_file():
-        raise UserError(f"{model} does not exist", stage=stage,
-                        hint="re-export the model with `qcexport convert`")
-    missing = [k for k in required if k not in manifest]
+    data = read_json(path, what="model manifest", stage=stage)
+    return check_model_dir(model_dir, data, where=f"model manifest {path}", stage=stage,
+                           required=required)
+
+
+def check_model_dir(model_dir: Path, data: object, *, where: str, stage: str = "manifest",
+                    required: tuple[str, ...] = ()) -> ModelDir:
+    """:func:`read_model_dir` for a manifest already read (``data``, e.g. from a bundle whose
+    files were checked): the same checks of types, paths, hashes, precision and weights."""
+    model_dir = Path(model_dir)
+    manifest = parse_model_manifest(data, where=where, stage=stage)
+    missing = [k for k in required if getattr(manifest, k) is None]
     if missing:
-        raise UserError(f"model manifest {path} lacks {', '.join(missing)}", stage=stage,
+        raise UserError(f"{where} lacks {', '.join(missing)}", stage=stage,
                         hint="re-export the model with `qcexport convert`")
-    return manifest
+    model = inside(model_dir, manifest.model, where=where, field="model", stage=stage)
+    redo = "re-export the model with `qcexport convert` (or restore the directory)"
+    if not model.is_file():
+        raise UserError(f"{model_dir / manifest.model} does not exist", stage=stage, hint=redo)
+    _check_sha(model, manifest.model_sha256, where, stage)
+    graph = read_summary(model, stage=stage)
+
+    listed = [n for n in (manifest.files or [manifest.model]) if n != manifest.model]
+    for name in sorted(set(listed) | graph.external_files):
+        if name not in manifest.files_sha256:
+            raise UserError(f"{where}: the model reads {name}, which has no sha256 in "
+                            "files_sha256", stage=stage, hint=redo)
+    files = [model]
+    for name, sha in manifest.files_sha256.items():
+        file = inside(model_dir, name, where=where, field=f"files_sha256[{name!r}]", stage=stage)
+        if not file.is_file():
+            raise UserError(f"{model_dir / name} does not exist", stage=stage, hint=redo)
+        _check_sha(file, sha, where, stage)
+        files.append(file)
+
+    if graph.precision != manifest.precision:
+        raise UserError(
+            f"{where} says precision {manifest.precision}, but the graph of {model.name} is "
+            f"{graph.precision} (read from its ops and weights)", stage=stage,
+            hint="the manifest does not belong to this model; " + redo)
+    recorded = graph.metadata.get("qcexport.weights_sha256")
+    if manifest.weights_sha256 is not None and recorded is not None \
+            and recorded != manifest.weights_sha256:
+        raise UserError(
+            f"{where} records weights_sha256 {manifest.weights_sha256}, but {model.name} was "
+            f"exported from weights {recorded}", stage=stage,
+            hint="the manifest does not belong to this model; " + redo)
+    return ModelDir(model_dir, manifest, model, tuple(files), graph)
+
+
+def _check_sha(path: Path, expected: str, where: str, stage: str) -> None:
+    from qcrun.golden import file_sha256
+
+    actual = file_sha256(path)
+    if actual != expected:
+        raise UserError(
+            f"{path} has sha256 {actual}, but {where} records {expected}: the file was "
+            "changed after export", stage=stage,
+            hint="re-export the model with `qcexport convert` (or restore the file)")

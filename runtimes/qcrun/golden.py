@@ -24,11 +24,12 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from qcrun.errors import UserError, unknown_choice
+from qcrun.schema import check_relpath, dump, inside, parse, read_json
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -50,6 +51,77 @@ def file_sha256(path: str | Path, *, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def weights_sha256(path: str | Path) -> str:
+    """The state-dict hash qcexport records as ``weights_sha256``, from a weights npz: sha256
+    over the arrays in name order, each as ``name:torch.<dtype>:<shape>`` then its bytes."""
+    digest = hashlib.sha256()
+    with np.load(path, allow_pickle=False) as npz:
+        for name in sorted(npz.files):
+            array = npz[name]
+            digest.update(f"{name}:torch.{array.dtype}:{tuple(array.shape)}".encode())
+            digest.update(array.tobytes(order="C"))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """What one stored array must be: checked against the array read from the npz."""
+
+    shape: list[int]
+    dtype: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CaseEntry:
+    """One case as the golden manifest lists it."""
+
+    name: str
+    file: str
+    sha256: str
+    inputs: dict[str, ArraySpec]
+    outputs: dict[str, ArraySpec]
+    description: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SubsetOf:
+    """A bundle's golden subset: the cases of the full set it was cut from."""
+
+    cases: list[str]
+    weights_file_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class GoldenManifest:
+    """``manifest.json`` of a golden set (format 1), as ``qcexport golden`` writes it."""
+
+    VERSIONS: ClassVar[tuple[int, ...]] = (FORMAT,)
+    VERSION_KEY: ClassVar[str] = "format"
+
+    format: int
+    mechanism: str
+    preset: str
+    cases: list[CaseEntry]
+    config: dict[str, Any] | None = None
+    seed: int | None = None
+    writer: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    weights: WeightsEntry | None = None
+    subset_of: SubsetOf | None = None
+    # A user's module (mechanism "custom"): where it came from (factory, Hugging Face
+    # component) and the non-tensor arguments its outputs were computed with.
+    source: dict[str, Any] | None = None
+    constants: dict[str, Any] | None = None
+
+
 @dataclass(frozen=True)
 class GoldenCase:
     """One golden case: the inputs fed to PyTorch eager and the outputs it produced."""
@@ -63,19 +135,28 @@ class GoldenCase:
 
 @dataclass(frozen=True)
 class GoldenSet:
-    """A verified golden set: its manifest (as read) and its cases, in manifest order."""
+    """A verified golden set: its manifest (typed) and its cases, in manifest order."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: GoldenManifest
     cases: list[GoldenCase] = field(default_factory=list)
 
     @property
     def mechanism(self) -> str:
-        return self.manifest["mechanism"]
+        return self.manifest.mechanism
 
     @property
     def preset(self) -> str:
-        return self.manifest["preset"]
+        return self.manifest.preset
+
+    @property
+    def weights_path(self) -> Path | None:
+        """The verified weights file (None for a bundle's subset, which has none)."""
+        if self.manifest.weights is None:
+            return None
+        return inside(self.path, self.manifest.weights.file,
+                      where=f"golden manifest {self.path / MANIFEST}", field="weights.file",
+                      stage="golden")
 
     def case(self, name: str) -> GoldenCase:
         for case in self.cases:
@@ -88,6 +169,38 @@ def _regenerate_hint(mechanism: str) -> str:
     return f"regenerate with `qcexport golden {mechanism} --update` or restore it from git"
 
 
+def read_golden_manifest(directory: str | Path) -> GoldenManifest:
+    """The typed manifest of the golden set in ``directory`` (types, keys, version and paths
+    checked; the files themselves are checked by :func:`load_golden`)."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise UserError(
+            f"no golden set at {directory} ({MANIFEST} not found)",
+            stage="golden",
+            hint="pass --golden DIR, or create it with `qcexport golden NAME`",
+        )
+    where = f"golden manifest {path}"
+    manifest = parse(GoldenManifest, read_json(path, what="golden manifest", stage="golden"),
+                     where=where, stage="golden")
+    if not manifest.cases:
+        raise UserError(f"{where}: has no cases", stage="golden",
+                        hint=_regenerate_hint(manifest.mechanism))
+    for index, entry in enumerate(manifest.cases):
+        check_relpath(entry.file, where=where, field=f"cases[{index}].file", stage="golden")
+    if manifest.weights is not None:
+        check_relpath(manifest.weights.file, where=where, field="weights.file", stage="golden")
+    return manifest
+
+
+def golden_manifest_json(manifest: GoldenManifest | dict) -> str:
+    """The one serialisation of a golden manifest (a dict is validated first)."""
+    if isinstance(manifest, dict):
+        manifest = parse(GoldenManifest, manifest, where="the golden manifest being written",
+                         stage="golden")
+    return json.dumps(dump(manifest), indent=2) + "\n"
+
+
 def load_golden(
     directory: str | Path, *, mechanism: str | None = None, preset: str | None = None
 ) -> GoldenSet:
@@ -97,71 +210,36 @@ def load_golden(
     another model's golden data would fail for the wrong reason, or pass by accident.
     """
     directory = Path(directory)
+    manifest = read_golden_manifest(directory)
     manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise UserError(
-            f"no golden set at {directory} ({MANIFEST} not found)",
-            stage="golden",
-            hint="pass --golden DIR, or create it with `qcexport golden NAME`",
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(
-            f"golden manifest {manifest_path} is not valid JSON: {e}",
-            stage="golden",
-            hint="restore it from git",
-        ) from None
-    _check_manifest(manifest, manifest_path, mechanism=mechanism, preset=preset)
-    hint = _regenerate_hint(manifest["mechanism"])
-
-    weights = manifest.get("weights")
-    if weights:
-        _check_file(directory / weights["file"], weights["sha256"], hint)
-
-    cases, seen = [], set()
-    for entry in manifest["cases"]:
-        if entry["name"] in seen:
-            raise UserError(
-                f"golden manifest {manifest_path} lists case {entry['name']!r} twice",
-                stage="golden",
-                hint=hint,
-            )
-        seen.add(entry["name"])
-        cases.append(_load_case(directory, entry, hint))
-    return GoldenSet(directory, manifest, cases)
-
-
-def _check_manifest(manifest, path: Path, *, mechanism, preset) -> None:
-    def bad(problem: str) -> UserError:
-        return UserError(f"golden manifest {path}: {problem}", stage="golden")
-
-    if not isinstance(manifest, dict):
-        raise bad("expected a JSON object")
-    if manifest.get("format") != FORMAT:
-        raise UserError(
-            f"golden manifest {path} has format {manifest.get('format')!r}; this qcrun reads "
-            f"format {FORMAT}",
-            stage="golden",
-            hint="install the qcrun version that matches the qcexport that wrote it",
-        )
-    for key in ("mechanism", "preset", "cases"):
-        if key not in manifest:
-            raise bad(f"missing key {key!r}")
-    if not isinstance(manifest["cases"], list) or not manifest["cases"]:
-        raise bad("has no cases")
-    for index, case in enumerate(manifest["cases"]):
-        for key in ("name", "file", "sha256", "inputs", "outputs"):
-            if not isinstance(case, dict) or key not in case:
-                raise bad(f"case #{index} is missing key {key!r}")
     for key, wanted in (("mechanism", mechanism), ("preset", preset)):
-        if wanted is not None and manifest[key] != wanted:
+        if wanted is not None and getattr(manifest, key) != wanted:
             raise UserError(
-                f"golden set {path.parent} is for {key} {manifest[key]!r}, but the model is "
-                f"{key} {wanted!r}",
+                f"golden set {directory} is for {key} {getattr(manifest, key)!r}, but the "
+                f"model is {key} {wanted!r}",
                 stage="golden",
                 hint="pass --golden with the golden set of this model's mechanism and preset",
             )
+    hint = _regenerate_hint(manifest.mechanism)
+    where = f"golden manifest {manifest_path}"
+
+    if manifest.weights is not None:
+        _check_file(inside(directory, manifest.weights.file, where=where, field="weights.file",
+                           stage="golden"), manifest.weights.sha256, hint)
+
+    cases, seen = [], set()
+    for index, entry in enumerate(manifest.cases):
+        if entry.name in seen:
+            raise UserError(
+                f"golden manifest {manifest_path} lists case {entry.name!r} twice",
+                stage="golden",
+                hint=hint,
+            )
+        seen.add(entry.name)
+        path = inside(directory, entry.file, where=where, field=f"cases[{index}].file",
+                      stage="golden")
+        cases.append(_load_case(path, entry, hint))
+    return GoldenSet(directory, manifest, cases)
 
 
 def _check_file(path: Path, expected_sha: str, hint: str) -> None:
@@ -176,9 +254,8 @@ def _check_file(path: Path, expected_sha: str, hint: str) -> None:
         )
 
 
-def _load_case(directory: Path, entry: dict, hint: str) -> GoldenCase:
-    path = directory / entry["file"]
-    _check_file(path, entry["sha256"], hint)
+def _load_case(path: Path, entry: CaseEntry, hint: str) -> GoldenCase:
+    _check_file(path, entry.sha256, hint)
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
@@ -190,7 +267,7 @@ def _load_case(directory: Path, entry: dict, hint: str) -> GoldenCase:
             hint=hint,
         ) from None
 
-    def take(prefix: str, specs: dict) -> dict[str, np.ndarray]:
+    def take(prefix: str, specs: dict[str, ArraySpec]) -> dict[str, np.ndarray]:
         taken = {}
         for name, spec in specs.items():
             key = prefix + name
@@ -203,8 +280,8 @@ def _load_case(directory: Path, entry: dict, hint: str) -> GoldenCase:
             taken[name] = _checked_array(path, key, arrays.pop(key), spec, hint)
         return taken
 
-    inputs = take(INPUT_PREFIX, entry["inputs"])
-    outputs = take(OUTPUT_PREFIX, entry["outputs"])
+    inputs = take(INPUT_PREFIX, entry.inputs)
+    outputs = take(OUTPUT_PREFIX, entry.outputs)
     if arrays:
         raise UserError(
             f"golden file {path} has arrays the manifest does not list: "
@@ -212,25 +289,18 @@ def _load_case(directory: Path, entry: dict, hint: str) -> GoldenCase:
             stage="golden",
             hint=hint,
         )
-    return GoldenCase(entry["name"], entry.get("description", ""), inputs, outputs, path)
+    return GoldenCase(entry.name, entry.description, inputs, outputs, path)
 
 
-def _checked_array(path: Path, key: str, array: np.ndarray, spec: dict, hint: str) -> np.ndarray:
-    keys = spec if isinstance(spec, dict) else {}
-    missing = [k for k in ("shape", "dtype", "sha256") if k not in keys]
-    if missing:
-        raise UserError(
-            f"golden manifest entry for {key!r} in {path.name} lacks {', '.join(missing)}",
-            stage="golden",
-            hint=hint,
-        )
+def _checked_array(path: Path, key: str, array: np.ndarray, spec: ArraySpec,
+                   hint: str) -> np.ndarray:
     problems = []
-    if list(array.shape) != list(spec["shape"]):
-        problems.append(f"shape {list(array.shape)} but manifest records {spec['shape']}")
-    if str(array.dtype) != spec["dtype"]:
-        problems.append(f"dtype {array.dtype} but manifest records {spec['dtype']}")
-    if array_sha256(array) != spec["sha256"]:
-        problems.append(f"sha256 {array_sha256(array)} but manifest records {spec['sha256']}")
+    if list(array.shape) != list(spec.shape):
+        problems.append(f"shape {list(array.shape)} but manifest records {spec.shape}")
+    if str(array.dtype) != spec.dtype:
+        problems.append(f"dtype {array.dtype} but manifest records {spec.dtype}")
+    if array_sha256(array) != spec.sha256:
+        problems.append(f"sha256 {array_sha256(array)} but manifest records {spec.sha256}")
     if problems:
         raise UserError(
             f"golden file {path} array {key!r} has {'; '.join(problems)}", stage="golden", hint=hint

@@ -34,7 +34,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from qcrun.targets import PRECISIONS, TOLERANCE_FIELDS, Target, availability, ge
 REL_FLOOR = 1e-6
 
 VERDICTS = ("pass", "fail", "skip")
+
+#: Record codes of a target that ran nothing (a skip, or a failure when the target was required).
+NOT_RUN_CODES = ("unavailable", "precision", "attention-form")
 
 
 # --- tolerances ------------------------------------------------------------------------------
@@ -175,6 +178,54 @@ class TolerancePolicy:
 
 def _plain(scoped: Scoped) -> dict:
     return {k: {s: dict(f) for s, f in v.items()} for k, v in scoped.items()}
+
+
+_Fields = dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class PolicyFile:
+    """A tolerance policy file the user names (``--policy FILE``), format 1::
+
+        {"format": 1, "defaults": {"fp32": {"max_abs": 1e-3}},
+         "targets": {"openvino-gpu": {"*": {"max_abs": 1e-2}}},
+         "outputs": {"logits": {"fp16": {"max_rel": 0.05}}}, "use_target_profiles": true}
+
+    Overrides are partial, over qcrun's built-in policy (``TolerancePolicy.resolve`` says in
+    which order they apply).
+    """
+
+    VERSIONS: ClassVar[tuple[int, ...]] = (1,)
+    VERSION_KEY: ClassVar[str] = "format"
+
+    format: int
+    defaults: dict[str, _Fields] = field(default_factory=dict)
+    targets: dict[str, dict[str, _Fields]] = field(default_factory=dict)
+    outputs: dict[str, dict[str, _Fields]] = field(default_factory=dict)
+    use_target_profiles: bool = True
+    description: str | None = None
+
+
+def policy_for(precision: str, *, policy_file: str | Path | None = None) -> TolerancePolicy:
+    """The tolerance policy that judges a model of ``precision``: qcrun's built-in one, or the
+    file the user named. Never anything the artifact under test carries: a model that could
+    loosen its own tolerances could pass whatever it computes."""
+    if precision not in PRECISIONS:
+        raise unknown_choice("precision", precision, PRECISIONS)
+    if policy_file is None:
+        return TolerancePolicy()
+    from qcrun.schema import dump, parse, read_json
+
+    path = Path(policy_file)
+    where = f"policy file {path}"
+    data = parse(PolicyFile, read_json(path, what="policy file", stage="policy"), where=where,
+                 stage="policy")
+    try:
+        return TolerancePolicy.from_dict(dump(data))
+    except UserError as e:
+        raise UserError(f"{where}: {e.args[0]}", stage="policy",
+                        hint="keys are precisions (or '*') and max_abs, max_rel, min_cosine"
+                        ) from None
 
 
 # --- comparing -------------------------------------------------------------------------------
@@ -416,6 +467,7 @@ class ParityReport:
     targets: list[str] = field(default_factory=list)
     required: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
+    optional: list[str] = field(default_factory=list)
 
     def failures(self) -> list[Record]:
         return [r for r in self.records if r.verdict == "fail"]
@@ -423,9 +475,24 @@ class ParityReport:
     def skips(self) -> list[Record]:
         return [r for r in self.records if r.verdict == "skip"]
 
+    def ran(self) -> bool:
+        """Whether any case ran on any target (a run that failed counts; a skip does not)."""
+        return any(r.code not in NOT_RUN_CODES for r in self.records)
+
     @property
     def passed(self) -> bool:
-        return not self.failures()
+        """No failure, and something passed: a run in which nothing executed is not a pass."""
+        return not self.failures() and any(r.verdict == "pass" for r in self.records)
+
+    def verdict_line(self) -> str:
+        """Why the report fails, in one line ("" when it passes)."""
+        if self.passed:
+            return ""
+        if not self.ran():
+            return (f"nothing ran: no case ran on any target ({', '.join(self._target_order())}"
+                    "; reasons above)")
+        failed = sorted({r.target for r in self.failures()})
+        return f"parity failed on {', '.join(failed)}: {len(self.failures())} failing checks"
 
     def counts(self) -> dict[str, int]:
         return {v: sum(r.verdict == v for r in self.records) for v in VERDICTS}
@@ -443,7 +510,9 @@ class ParityReport:
             "precision": self.precision,
             "targets": list(self.targets),
             "required": list(self.required),
+            "optional": list(self.optional),
             "passed": self.passed,
+            "ran": self.ran(),
             "counts": self.counts(),
             "environment": self.environment,
             "records": [r.to_dict() for r in self.records],
@@ -462,6 +531,7 @@ class ParityReport:
             targets=list(data.get("targets", [])),
             required=list(data.get("required", [])),
             environment=dict(data.get("environment", {})),
+            optional=list(data.get("optional", [])),
         )
 
     @classmethod
@@ -471,16 +541,26 @@ class ParityReport:
     # -- JUnit --------------------------------------------------------------------------------
 
     def to_junit_xml(self) -> str:
-        """JUnit XML: a testsuite per target, a testcase per case/output."""
+        """JUnit XML: a testsuite per target, a testcase per case/output; a skip is
+        ``<skipped/>``, a required target that did not run is a ``<failure>``, and a run in
+        which nothing ran at all gets one failing testcase of its own, so that a CI system
+        reading only the XML does not count it as green."""
         counts = self.counts()
+        empty = not self.records or (not self.failures() and not self.passed)
         root = ET.Element(
             "testsuites",
             name="qcrun parity",
-            tests=str(len(self.records)),
-            failures=str(counts["fail"]),
+            tests=str(len(self.records) + empty),
+            failures=str(counts["fail"] + empty),
             skipped=str(counts["skip"]),
             errors="0",
         )
+        if empty:
+            suite = ET.SubElement(root, "testsuite", name="parity", tests="1", failures="1",
+                                  skipped="0", errors="0")
+            case = ET.SubElement(suite, "testcase", classname="parity", name="any case ran")
+            line = self.verdict_line() or "no records"
+            ET.SubElement(case, "failure", message=line, type="nothing-ran").text = line
         for target in self._target_order():
             records = [r for r in self.records if r.target == target]
             suite = ET.SubElement(
@@ -533,6 +613,8 @@ class ParityReport:
             lines += [f"  {t}: {reason}" for t, reason in skipped.items()]
         c = self.counts()
         lines += ["", f"{c['pass']} passed, {c['fail']} failed, {c['skip']} skipped"]
+        if not self.ran():
+            lines.append("nothing ran: a run in which no case executed is a failure")
         return "\n".join(lines)
 
     def _cell(self, target: str, case: str) -> str:
@@ -560,6 +642,43 @@ def _worst_abs(records: Sequence[Record]) -> str:
 # --- running ---------------------------------------------------------------------------------
 
 
+def name_list(values: str | Iterable[str] | None) -> list[str]:
+    """Target names from an option that is repeatable and/or comma-separated."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return list(dict.fromkeys(n.strip() for raw in values for n in raw.split(",") if n.strip()))
+
+
+def required_targets(names: Sequence[str], optional: Iterable[str] = (),
+                     require: Iterable[str] = ()) -> list[str]:
+    """The targets that must run: every one named, less those marked ``optional``.
+
+    A target the user names is asked for: not running there is a failure, not a pass, unless
+    they say it may be absent (``--optional``). ``require`` names targets that must run in any
+    case (the older ``--require`` flag, now the default for every named target); naming one
+    both required and optional, or an optional one that is not among the targets, is an error.
+    """
+    names = [get_target(n).name for n in names]
+    optional = [get_target(n).name for n in name_list(list(optional))]
+    require = [get_target(n).name for n in name_list(list(require))]
+    for name in require:
+        if name not in names:
+            raise UserError(f"required target {name!r} is not among the targets "
+                            f"({', '.join(names)})", stage="parity", hint="name it in --targets")
+    for name in optional:
+        if name not in names:
+            raise UserError(f"optional target {name!r} is not among the targets "
+                            f"({', '.join(names)})", stage="parity",
+                            hint="name it in --targets too, or drop it from --optional")
+    both = sorted(set(optional) & set(require))
+    if both:
+        raise UserError(f"{', '.join(both)} is both required and optional", stage="parity",
+                        hint="drop it from --require or from --optional")
+    return [n for n in names if n not in optional]
+
+
 def run_parity(
     model_path: str | Path,
     golden: GoldenSet,
@@ -570,6 +689,7 @@ def run_parity(
     require: Iterable[str] = (),
     attention_form: str | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    optional: Iterable[str] = (),
 ) -> ParityReport:
     """Run every golden case on every target and compare every output.
 
@@ -578,7 +698,9 @@ def run_parity(
     in ``require``. A target whose engine refuses the model gets fail records with the engine's
     message, and the other targets still run. A feed that does not match the model's inputs is
     a UserError: the golden set belongs to another model. ``options`` maps a target name to
-    adapter options (see the adapters).
+    adapter options (see the adapters). ``optional`` only records which targets the caller
+    allowed to be absent (see ``required_targets``). The report passes only when some case
+    ran and passed.
     """
     policy = policy or TolerancePolicy()
     if precision not in PRECISIONS:
@@ -615,6 +737,7 @@ def run_parity(
         targets=names,
         required=required,
         environment=environment(),
+        optional=[n for n in name_list(list(optional)) if n not in required],
     )
 
 
@@ -717,12 +840,20 @@ def kernel_parity(
 ) -> ParityReport | None:
     """Compare each target with onnx-reference on the same model and the golden inputs.
 
-    Returns None when the reference evaluator cannot run here or the model (its attention
-    form) is not one it reads; otherwise a report whose records measure kernel error only.
+    Returns None when the reference evaluator cannot run here, the model (its attention
+    form) is not one it reads, or no other target runs the model here; otherwise a report whose records measure kernel error only.
     """
     reference = get_target(REFERENCE_TARGET)
     ok, _ = availability(reference)
     if not ok or (attention_form and attention_form not in reference.attention_forms):
+        return None
+    # Kernel error is measured where a runtime runs this model; whether a requested target
+    # ran at all is the golden report's verdict, so one that cannot is left out here.
+    others = [t for t in map(get_target, targets)
+              if t.name != REFERENCE_TARGET and precision in t.precisions
+              and (attention_form is None or t.accepts_attention(attention_form))
+              and availability(t)[0]]
+    if not others:
         return None
     cases = []
     with adapter_for(model_path, reference).load() as evaluator:
@@ -730,9 +861,6 @@ def kernel_parity(
             outputs = evaluator.run(case.inputs)
             cases.append(replace(case, outputs={k: outputs[k] for k in case.outputs}))
     expected = replace(golden, cases=cases)
-    others = [t for t in targets if get_target(t).name != REFERENCE_TARGET]
-    if not others:
-        return None
     policy = TolerancePolicy(defaults=dict(KERNEL_TOLERANCES), use_target_profiles=False)
     report = run_parity(model_path, expected, others, policy, precision,
                         attention_form=attention_form)

@@ -2,7 +2,7 @@
 
 Converting and re-exporting are the slow parts (seconds each), so the model and the two
 bundles (openvino-cpu: copied as exported; jetson-orin: exported again, decomposed at opset
-17) are built once per session; tests that damage a bundle work on a copy. ``qcrun_no_torch``
+17), a key pair and a bundle signed with it are built once per session; tests that damage a bundle work on a copy. ``qcrun_no_torch``
 runs the qcrun command line in a fresh interpreter where importing torch or onnx fails, as on
 a device. Nothing mocks an engine.
 """
@@ -16,8 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+from qcrun.signing import generate_keypair
 
 from qcexport.bundle import make_bundle
+from qcexport.cli import main as qcexport_main
 from qcexport.export import convert_mechanism
 
 # A device: torch and onnx cannot be imported; then `qcrun ARGS...` or a script runs.
@@ -62,6 +65,28 @@ def jetson_bundle(tmp_path_factory, qformer_dir):
     out = tmp_path_factory.mktemp("bundles") / "qformer-orin.bundle"
     return make_bundle(qformer_dir, "jetson-orin", output=out,
                        profile_shapes={"tokens": (1, 257, 1025)})
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory):
+    """(private key, public key) of the host, and the public key of somebody else."""
+    directory = tmp_path_factory.mktemp("keys")
+    private, public = generate_keypair(directory, "host")
+    _, stranger = generate_keypair(directory, "stranger")
+    return private, public, stranger
+
+
+@pytest.fixture(scope="session")
+def signed_bundle(tmp_path_factory, qformer_dir, keys):
+    """A bundle signed through the real command line: `qcexport bundle --sign KEY`."""
+    out = tmp_path_factory.mktemp("signed") / "signed.bundle"
+    result = CliRunner().invoke(qcexport_main, [
+        "bundle", str(qformer_dir), "--target", "openvino-cpu", "-o", str(out),
+        "--host-targets", "openvino-cpu", "--sign", str(keys[0])])
+    assert result.exit_code == 0, result.output
+    assert "signed    by key" in result.output
+    assert f"qcrun verify {out} --trust {keys[1]}" in result.output
+    return out
 
 
 @pytest.fixture

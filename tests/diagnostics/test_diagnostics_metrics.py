@@ -21,6 +21,7 @@ from qcrun.diagnostics import (
     token_grid,
 )
 from qcrun.errors import UserError
+from qcrun.files import parse_model_manifest
 
 
 @pytest.mark.parametrize(("tokens", "grid", "layout", "shape"), [
@@ -136,12 +137,14 @@ def test_media_keys_pick_the_image_each_text_token_sees():
 
 
 def test_require_maps_says_how_to_re_export():
-    manifest = {"mechanism": "qformer", "preset": "tiny"}
+    data = {"format": 1, "mechanism": "qformer", "preset": "tiny", "precision": "fp32",
+            "model": "model.onnx", "model_sha256": "0" * 64, "inputs": [], "outputs": []}
+    manifest = parse_model_manifest(data, where="out/q/manifest.json")
     with pytest.raises(UserError) as err:
         require_maps(manifest, ["query_outputs"], "out/q")
     assert "no attention-map outputs" in str(err.value)
     assert "qcexport convert qformer --preset tiny --with-attention-maps" in str(err.value)
-    manifest["attention_maps"] = _descriptor()
+    manifest = parse_model_manifest({**data, "attention_maps": _descriptor()}, where="m")
     with pytest.raises(UserError, match="lacks: attn_map.a"):
         require_maps(manifest, ["y"], "out/q")
     assert require_maps(manifest, ["y", "attn_map.a"], "out/q")["mechanism"] == "toy"

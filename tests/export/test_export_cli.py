@@ -189,7 +189,8 @@ def test_convert_qformer_decomposed(tmp_path, monkeypatch, listdir):
     assert (manifest["mechanism"], manifest["attention"], manifest["opset"]) == (
         "qformer", "decomposed", 17)
     assert manifest["model_sha256"] == file_sha256(out / "model.onnx")
-    assert manifest["fused_attention"] == {"form": "decomposed", "expected": 0, "found": 0}
+    assert manifest["fused_attention"] == {"form": "decomposed", "expected": 0, "found": 0,
+                                           "sdpa_calls": 0}  # the math path was exported
     model = onnx.load(str(out / "model.onnx"))
     assert [(op.domain, op.version) for op in model.opset_import] == [("", 17)]
     # The human output: every stage timed, both shapes verified.
@@ -208,7 +209,10 @@ def test_convert_module_json(factory_module, tmp_path):
     assert data["passed"] is True
     assert Path(data["path"]) == Path("mine") / "model.onnx"
     assert (data["attention"], data["opset"]) == ("onnx", 23)
-    assert data["fused_attention"] == {"expected": 1, "found": 1}
+    assert data["fused_attention"] == {"expected": 1, "found": 1, "sdpa_calls": 1}
+    assert data["attention_report"] == (
+        "1 scaled_dot_product_attention call captured, 1 fused as 'onnx' attention node")
+    assert data["outputs"] == ["output"] and data["constants"] == {}
     assert [(r["case"], r["shape"]) for r in data["verification"]] == [
         ("export_shape", [2, 5, 16]), ("other_shape", [3, 8, 16])]
     assert all(r["max_abs"] <= 1e-4 for r in data["verification"])

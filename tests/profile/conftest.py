@@ -7,6 +7,7 @@ per-module folding can be checked exactly. Every engine is real: nothing mocks a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -89,7 +90,11 @@ def write_model_dir(directory: Path, model, *, dynamic_axes=None, mechanism="toy
         "precision": "fp32",
         "attention": "onnx",
         "model": "model.onnx",
+        "model_sha256": hashlib.sha256((directory / "model.onnx").read_bytes()).hexdigest(),
         "inputs": inputs,
+        "outputs": [{"name": v.name, "dtype": "float32",
+                     "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
+                    for v in model.graph.output],
         "dynamic_axes": dynamic_axes
         or {"queries": {"0": "batch"}, "visual": {"0": "batch", "2": "tokens"}},
     }

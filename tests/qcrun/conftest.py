@@ -194,6 +194,13 @@ def write_golden(
     return directory
 
 
+def _specs(values) -> list[dict]:
+    return [{"name": v.name,
+             "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+             "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
+            for v in values]
+
+
 def write_model_dir(
     directory: Path,
     model: Path,
@@ -205,12 +212,17 @@ def write_model_dir(
     precision: str = "fp32",
     **extra,
 ) -> Path:
-    """An exported-model directory as `qcrun verify` reads it."""
+    """An exported-model directory as `qcexport convert` writes it (format 1: the model, its
+    sha256, input and output specs read from the graph), with ``extra`` manifest keys."""
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copy(model, directory / "model.onnx")
     if golden is not None:
         shutil.copytree(golden, directory / "golden")
-    manifest = {"mechanism": mechanism, "preset": preset, "precision": precision, **extra}
+    graph = onnx.load(str(model)).graph
+    manifest = {"format": 1, "mechanism": mechanism, "preset": preset, "precision": precision,
+                "model": "model.onnx", "model_sha256": file_sha256(directory / "model.onnx"),
+                "files": ["model.onnx"], "inputs": _specs(graph.input),
+                "outputs": _specs(graph.output), **extra}
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return directory
 

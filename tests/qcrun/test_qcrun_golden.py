@@ -22,7 +22,7 @@ def _write_manifest(directory, manifest):
 def test_load_returns_cases_with_the_written_arrays(linear, lib):
     golden = load_golden(linear.golden, mechanism="linear", preset="tiny")
     assert golden.mechanism == "linear" and golden.preset == "tiny"
-    assert golden.manifest["seed"] == 0 and golden.manifest["config"] == {"dim": 8}
+    assert golden.manifest.seed == 0 and golden.manifest.config == {"dim": 8}
     assert [c.name for c in golden.cases] == ["single", "batch"]
     expected = lib.linear_cases(linear.weights)
     for case, want in zip(golden.cases, expected, strict=True):
@@ -139,12 +139,14 @@ def test_mechanism_and_preset_must_match(linear):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda m: m.update(format=2), "has format 2; this qcrun reads format 1"),
-        (lambda m: m.pop("mechanism"), "missing key 'mechanism'"),
+        (lambda m: m.update(format=2), "format 2 was written by a newer qcexport; this qcrun reads "
+                                       "format 1"),
+        (lambda m: m.pop("mechanism"), "mechanism: required key is missing"),
         (lambda m: m.update(cases=[]), "has no cases"),
         (lambda m: m["cases"].append(dict(m["cases"][0])), "lists case 'single' twice"),
-        (lambda m: m["cases"][0].pop("sha256"), "case #0 is missing key 'sha256'"),
-        (lambda m: m["cases"][0]["inputs"]["x"].pop("sha256"), "'in.x' in single.npz lacks sha256"),
+        (lambda m: m["cases"][0].pop("sha256"), r"cases\[0\]\.sha256: required key is missing"),
+        (lambda m: m["cases"][0]["inputs"]["x"].pop("sha256"),
+             r"cases\[0\]\.inputs\.x\.sha256: required key is missing"),
     ],
 )
 def test_malformed_manifests(golden_copy, edit, message):

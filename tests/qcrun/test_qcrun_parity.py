@@ -21,15 +21,16 @@ from qcrun.parity import (
     compare,
     run_parity,
 )
+from qcrun.targets import availability
 
 CPU_TARGETS = ("ort-cpu", "openvino-cpu", "onnx-reference")
 FP32 = DEFAULT_TOLERANCES["fp32"]
 HUGE = Tolerance(max_abs=1e30, max_rel=1e30, min_cosine=-1.0)
 
 
-def _needs_no_cuda():
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        pytest.skip("this machine has onnxruntime-gpu")
+#: Whether ort-cuda runs here, read from qcrun.targets (not from a report under test): the
+#: tests below check a skip with this reason on a CPU-only host and a run on a CUDA host.
+CUDA_OK, CUDA_REASON = availability("ort-cuda")
 
 
 # --- compare ---------------------------------------------------------------------------------
@@ -227,10 +228,14 @@ def test_perturbed_model_fails_naming_output_and_numbers(example, target):
 
 
 def test_unavailable_target_is_skipped_with_its_reason(linear):
-    _needs_no_cuda()
     report = run_parity(linear.model, _golden(linear), ["ort-cpu", "ort-cuda"])
     skips = report.skips()
     assert report.passed
+    if CUDA_OK:
+        assert skips == [] and report.counts() == {"pass": 8, "fail": 0, "skip": 0}
+        return
+    assert "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
+    assert all(r.message == CUDA_REASON for r in skips)
     assert [(r.target, r.case, r.output, r.code) for r in skips] == [
         ("ort-cuda", c, None, "unavailable") for c in linear.cases
     ]
@@ -240,11 +245,15 @@ def test_unavailable_target_is_skipped_with_its_reason(linear):
 
 
 def test_required_target_that_cannot_run_is_a_failure(linear):
-    _needs_no_cuda()
     report = run_parity(
         linear.model, _golden(linear), ["ort-cpu", "ort-cuda"], require=["ort-cuda"]
     )
+    assert report.required == ["ort-cuda"]
+    if CUDA_OK:
+        assert report.passed and report.counts() == {"pass": 8, "fail": 0, "skip": 0}
+        return
     assert not report.passed
+    assert report.failures()[0].message == f"ort-cuda is required but was not run: {CUDA_REASON}"
     assert [r.target for r in report.failures()] == ["ort-cuda", "ort-cuda"]
     assert report.failures()[0].message.startswith("ort-cuda is required but was not run: ")
     assert report.required == ["ort-cuda"]
@@ -327,8 +336,8 @@ def test_unknown_target_or_precision(linear):
 
 @pytest.fixture
 def mixed_report(linear):
-    """The perturbed model: fails on ort-cpu (tokens and pooled move by ~1e-2), skips ort-cuda."""
-    _needs_no_cuda()
+    """The perturbed model: fails on ort-cpu (tokens and pooled move by ~1e-2), skips ort-cuda
+    (runs and fails there too on a CUDA host)."""
     return run_parity(linear.perturbed, _golden(linear), ["ort-cpu", "ort-cuda"])
 
 
@@ -351,24 +360,33 @@ def test_junit_xml_counts(mixed_report):
     counts = mixed_report.counts()
     assert root.tag == "testsuites"
     assert int(root.get("failures")) == counts["fail"] == len(root.findall(".//failure"))
-    assert int(root.get("skipped")) == counts["skip"] == len(root.findall(".//skipped")) == 2
+    assert int(root.get("skipped")) == counts["skip"] == len(root.findall(".//skipped")) == (
+        0 if CUDA_OK else 2)
     suites = {s.get("name"): s for s in root.findall("testsuite")}
     assert list(suites) == ["ort-cpu", "ort-cuda"]
     cpu, cuda = suites["ort-cpu"], suites["ort-cuda"]
-    assert int(cpu.get("tests")) == 4 and int(cpu.get("failures")) == counts["fail"] > 0
+    cpu_failures = int(cpu.get("failures"))
+    assert int(cpu.get("tests")) == 4 and cpu_failures > 0
+    if CUDA_OK:  # the perturbed model fails on CUDA as on the CPU
+        assert int(cuda.get("failures")) == cpu_failures == counts["fail"] // 2
+        return
+    assert cpu_failures == counts["fail"]
     assert int(cuda.get("skipped")) == 2 and int(cuda.get("failures")) == 0
     names = [c.get("name") for c in cpu.findall("testcase")]
     assert names == ["single/tokens", "single/pooled", "batch/tokens", "batch/pooled"]
     failure = cpu.find(".//failure")
     assert failure.get("type") == "tolerance" and "max_abs" in failure.text
-    assert "no CUDAExecutionProvider" in cuda.find(".//skipped").get("message")
+    assert cuda.find(".//skipped").get("message") == CUDA_REASON
 
 
 def test_matrix_layout(linear):
-    _needs_no_cuda()
     report = run_parity(linear.model, _golden(linear), ["ort-cpu", "ort-cuda", "onnx-reference"])
     lines = report.format_matrix().splitlines()
     assert lines[0].split() == ["case", "ort-cpu", "ort-cuda", "onnx-reference"]
+    if CUDA_OK:
+        assert lines[1].split()[:2] == ["single", "pass"] and lines[1].split()[3] == "pass"
+        assert lines[-1] == "12 passed, 0 failed, 0 skipped"
+        return
     single = lines[1].split()
     assert single[0] == "single" and single[1] == "pass" and single[3] == "skip"
     assert float(single[2]) < 1e-5  # worst max_abs of the case, e.g. "pass 5e-07"
