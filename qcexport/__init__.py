@@ -15,6 +15,8 @@ them, on first call. The stages are the ones the ``qcexport`` command runs.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,21 @@ _LAZY_TYPES = {
     "ProfileReport": "qcrun.profile",
     "QuantizeResult": "qcexport.optimize",
 }
+
+
+class _Package(types.ModuleType):
+    """The package keeps its stage functions although submodules share two of their names
+    (``qcexport.parity``, ``qcexport.bundle``): importing a submodule binds it on the package
+    and would hide the function. The submodules stay importable by their full names
+    (``from qcexport.parity import ...``), which go through ``sys.modules``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in __all__ and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

@@ -11,8 +11,10 @@ prove it is still right (the format is ``qcrun.bundle``'s, which reads it):
    weights -- after checking that they are the model's weights (same weights hash) -- and
    quantized again when a reduced precision is asked for;
 2. a golden subset: cases copied from the golden set, with a manifest listing only those;
-3. the tolerance policy, written out in full (target overrides included), so the device
-   judges with the host's numbers whatever qcrun version it has;
+3. the host's tolerance policy (qcrun's built-in one, or ``policy_file``), written out in full
+   (target overrides included): a device that trusts the bundle's signature judges with the
+   host's numbers whatever qcrun version it has; an unsigned bundle is judged by the
+   device's own policy;
 4. input and output specs with their dynamic axes, and TensorRT min/opt/max ranges for every
    dynamic axis (from the golden cases, widened with ``profile_shapes``);
 5. provenance: mechanism, config, weights hash, toolkit and exporter versions, and the parity
@@ -228,6 +230,8 @@ def make_bundle(
         work = Path(tmp)
         gset, golden_note = stage("golden", _golden_set, manifest, golden, work / "golden-src",
                                   detail=lambda r: f"{len(r[0].cases)} cases from {r[1]}")
+        # a golden set of other weights (or constants) is refused before anything runs
+        source_dir.check_weights(gset)
         module = stage("weights", _golden_module, manifest, gset,
                        detail=lambda m: "weights hash matches the model" if m is not None
                        else "custom module: not rebuilt")

@@ -73,3 +73,16 @@ def test_write_golden_dispatches_on_a_module(tmp_path):
         expected = module(torch.from_numpy(first.inputs["input"])).numpy()
     assert list(first.outputs) == ["output"]
     assert (abs(first.outputs["output"] - expected) < 1e-6).all()
+
+
+def test_stage_functions_survive_submodules_of_the_same_name():
+    """qcexport.parity and qcexport.bundle are also submodules; importing them (as the stages
+    themselves do) must not replace the functions."""
+    import qcexport.bundle as _bundle_module  # noqa: F401
+    import qcexport.parity as _parity_module  # noqa: F401
+    from qcexport.bundle import make_bundle
+    from qcexport.parity import parity_for_model_dir
+
+    assert callable(make_bundle) and callable(parity_for_model_dir)
+    assert qcexport.parity.__module__ == "qcexport" and qcexport.parity.__name__ == "parity"
+    assert qcexport.bundle.__name__ == "bundle"

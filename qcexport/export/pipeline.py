@@ -359,6 +359,14 @@ def _convert(
         exported = stage("export", export_module, _flat(module, returned, tensors, constants,
                                                         plan),
                          export_example, output_names, input_axes, export_opset)
+    except UserError as exc:
+        if widened:
+            exc.args = (f"{exc.args[0]} (the example was exported at "
+                        + ", ".join(f"{label}={new}" for label, (_, new) in widened.items())
+                        + " because torch.export fixes an axis of example size 0 or 1; a module "
+                        "that only works at that size cannot have the axis dynamic)",
+                        *exc.args[1:])
+        raise
     finally:
         set_fused(module, True)
     model, expected = exported.model, exported.sdpa_calls

@@ -112,8 +112,12 @@ def save_model_and_manifest(
         manifest["files"] = files
         # every file the model reads is hashed, so a swapped data file cannot pass
         manifest["files_sha256"] = {f: _file_sha256(new / f) for f in files[1:]}
-        # through qcrun's schema: nothing is written that its reader would refuse
-        _fsync_write(new / manifest_path.name, manifest_json(manifest).encode())
+        # through qcrun's schema: nothing is written that its reader would refuse, and the
+        # caller's manifest becomes what was written
+        text = manifest_json(manifest)
+        manifest.clear()
+        manifest.update(json.loads(text))
+        _fsync_write(new / manifest_path.name, text.encode())
         return [*files, manifest_path.name]
 
     names = replace_pair(model_path.parent, write, manifest=manifest_path.name,

@@ -8,6 +8,7 @@ says why and how to make a local directory instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +67,12 @@ def _looks_local(path_or_id: str) -> bool:
             or path_or_id.count("/") > 1 or Path(path_or_id).exists())
 
 
-def load_pretrained(path_or_id: str):
-    """(config, model) of a save_pretrained directory or hub id, in fp32 eval mode."""
+def load_pretrained(path_or_id: str, check=None):
+    """(config, model) of a save_pretrained directory or hub id, in fp32 eval mode.
+
+    ``check(config)`` runs between reading the config and loading the weights, so a wrong
+    model is refused before its weights are read.
+    """
     transformers = require_transformers()
     local = _looks_local(path_or_id)
     if local:
@@ -85,9 +90,11 @@ def load_pretrained(path_or_id: str):
     for local_only in attempts:
         try:
             config = transformers.AutoConfig.from_pretrained(source, local_files_only=local_only)
-            model_cls = _model_class(transformers, config)
-            model = model_cls.from_pretrained(source, config=config, local_files_only=local_only,
-                                              dtype=torch.float32)
+            if check is not None:
+                check(config)
+            with _quiet(transformers):
+                model = _model_class(transformers, config).from_pretrained(
+                    source, config=config, local_files_only=local_only, dtype=torch.float32)
             return config, model.eval()
         except (OSError, ValueError) as exc:
             failure = exc
@@ -103,6 +110,19 @@ def load_pretrained(path_or_id: str):
         stage="load",
         hint="on a machine with access, run Model.from_pretrained(ID).save_pretrained(DIR) "
         "and pass --hf DIR (a local save_pretrained directory)")
+
+
+@contextlib.contextmanager
+def _quiet(transformers):
+    """No weight-loading progress bars: qcexport reports its own stages."""
+    bars = transformers.utils.logging
+    was = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            bars.enable_progress_bar()
 
 
 def _model_class(transformers, config):
@@ -122,18 +142,23 @@ def load_component(path_or_id: str | os.PathLike, name: str) -> HFComponent:
     """
     spec = components.get(name)  # unknown name: the list, before loading anything
     transformers = require_transformers()
-    config, model = load_pretrained(str(path_or_id))
-    model_type = getattr(config, "model_type", "?")
-    if model_type not in spec.model_types:
+
+    def check(config) -> None:
+        model_type = getattr(config, "model_type", "?")
+        if model_type in spec.model_types:
+            return
         others = components.for_model_type(model_type)
         raise UserError(
             f"--component {name} takes a {spec.component_class} from a "
             f"{'/'.join(spec.model_types)} model, but {path_or_id} is a {model_type} model "
-            f"({type(model).__name__})",
+            f"({', '.join(config.architectures or ['?'])})",
             stage="load",
             hint=(f"components of {model_type} models: {', '.join(others)}" if others else
                   f"no component is supported for {model_type}; supported: "
                   f"{', '.join(components.names())} (see `qcexport list --hf`)"))
+
+    config, model = load_pretrained(str(path_or_id), check)
+    model_type = config.model_type
     try:
         module = spec.take(model)
     except LookupError as exc:

@@ -753,7 +753,8 @@ def foreign_content(path: str | Path) -> tuple[bool, list[str]]:
             problems.append(f"{rel} (a {kind})")
         elif rel == SIGNATURE_FILE:
             try:
-                signing.Signature.parse((path / rel).read_bytes()[:signing.MAX_SIGNATURE_BYTES + 1])
+                with open(path / rel, "rb") as f:
+                    signing.Signature.parse(f.read(signing.MAX_SIGNATURE_BYTES + 1))
             except ValueError:
                 problems.append(f"{rel} (not a signature qcexport wrote)")
         elif rel == BUNDLE_MANIFEST:

@@ -210,8 +210,9 @@ class ModelDir:
         actual = weights_sha256(golden.weights_path)
         if actual != self.manifest.weights_sha256:
             raise UserError(
-                f"golden set {golden.path} holds weights {actual}, but the model in {self.path} "
-                f"was exported from weights {self.manifest.weights_sha256}", stage="golden",
+                f"golden set {golden.path} holds other weights than the model in {self.path} "
+                f"(golden weights {actual}, the model was exported from weights "
+                f"{self.manifest.weights_sha256})", stage="golden",
                 hint="pass --golden with the golden set of these weights, or re-export the "
                 "model from the golden set's weights")
 

@@ -29,6 +29,7 @@ from qcrun.golden import load_golden
 from qcrun.parity import TolerancePolicy, run_parity
 from qcrun.signing import key_id, load_public_key
 
+from qcexport.bundle import make_bundle
 from qcexport.cli import main as qcexport_main
 
 ZERO = "0" * 64
@@ -385,3 +386,29 @@ def test_open_bundle_damage_is_not_trust(signed_copy):
     (signed_copy / "bundle.json").write_text("{")
     with pytest.raises(BundleDamaged, match="bundle.json: unreadable"):
         open_bundle(signed_copy)
+
+
+def test_a_host_policy_file_judges_on_the_device_only_when_signed(tmp_path, qformer_dir, keys):
+    policy = tmp_path / "host-policy.json"
+    policy.write_text(json.dumps({"format": 1, "defaults": {"fp32": {"max_abs": 0.5}}}))
+    result = make_bundle(qformer_dir, "ort-cpu", output=tmp_path / "p.bundle", cases=1,
+                         host_targets=["ort-cpu"], sign=keys[0], policy_file=policy)
+    assert result.signed_by == key_id(load_public_key(keys[1]))
+    assert result.manifest["tolerances"]["defaults"]["fp32"]["max_abs"] == 0.5
+    builtin = TolerancePolicy().resolve("fp32", "ort-cpu")
+    with open_bundle(result.path) as bundle:
+        assert bundle.policy.resolve("fp32", "ort-cpu") == builtin  # not authenticated yet
+        bundle.authenticate(trusted_keys=[keys[1]])
+        assert bundle.policy.resolve("fp32", "ort-cpu").max_abs == 0.5
+        device = tmp_path / "device-policy.json"
+        device.write_text(json.dumps({"format": 1, "defaults": {"fp32": {"max_abs": 2e-4}}}))
+        # a policy file the device's user names wins over the bundle's, signed or not
+        assert bundle.judging_policy(device).resolve("fp32", "ort-cpu").max_abs == 2e-4
+    cli = invoke(qcrun_main, "verify", result.path, "--trust", keys[1], "--policy", device)
+    assert cli.exit_code == 0, cli.output
+    assert f"policy: {device} (--policy)" in cli.stdout
+    report = tmp_path / "r.json"
+    assert invoke(qcrun_main, "verify", result.path, "--policy", device, "--json",
+                  report).exit_code == 0
+    assert all(r["tolerance"]["max_abs"] == 2e-4 for r in json.loads(report.read_text())[
+        "records"])
