@@ -283,6 +283,11 @@ def _claim(staged: Path, directory: Path) -> None:
     if not directory.exists():
         os.replace(staged, directory)
         return
+    taken = sorted(item.name for item in staged.iterdir() if (directory / item.name).exists())
+    if taken:
+        raise UserError(f"{directory} holds {', '.join(taken)} but no golden set ({MANIFEST})",
+                        stage="golden", hint="remove those files or write the set elsewhere; "
+                        "nothing was written")
     for item in staged.iterdir():
         os.replace(item, directory / item.name)
     staged.rmdir()

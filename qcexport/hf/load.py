@@ -106,7 +106,8 @@ def load_pretrained(path_or_id: str, check=None):
              if _hub_offline() else "it is not in the local cache and the hub could not be "
              "reached or does not have it")
     raise UserError(
-        f"cannot resolve the hub id {path_or_id!r}: {reach} ({why})",
+        f"cannot resolve the hub id {path_or_id!r}: {reach} ({why}); there is no local "
+        f"directory {path_or_id} either",
         stage="load",
         hint="on a machine with access, run Model.from_pretrained(ID).save_pretrained(DIR) "
         "and pass --hf DIR (a local save_pretrained directory)")
@@ -179,12 +180,20 @@ def load_component(path_or_id: str | os.PathLike, name: str) -> HFComponent:
         verify_inputs=[("export_shape", spec.inputs(config, spec.export_case, seed=1)),
                        ("verify_shape", spec.inputs(config, spec.verify_case, seed=2))],
         metadata={"mechanism": "custom",
-                  "source": {"kind": "hf", "path_or_id": str(path_or_id), "component": name,
+                  # a local directory by its name only: manifests (and golden sets committed
+                  # by users) must not depend on where the model sat on one machine
+                  "source": {"kind": "hf", "model": _model_label(str(path_or_id)),
+                             "component": name,
                              "component_class": spec.component_class,
                              "model_class": model_class,
                              "model_type": model_type,
                              "transformers": transformers.__version__}},
     )
+
+
+def _model_label(path_or_id: str) -> str:
+    return Path(path_or_id).expanduser().resolve().name if _looks_local(path_or_id) \
+        else path_or_id
 
 
 def describe() -> list[dict[str, Any]]:
