@@ -93,10 +93,11 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class FusedAttention:
+    """The fused attention nodes the export expected (one per SDPA call) and found."""
+
     form: str
     expected: int
     found: int
-    sdpa_calls: int | None = None
     sdpa_calls: int | None = None  # captured from the module (0: its own matmul/softmax)
 
 
@@ -137,6 +138,8 @@ class ModelManifest:
     attention_maps: dict[str, Any] | None = None
     weights_sha256: str | None = None
     dynamic_axes: dict[str, dict[str, str]] = field(default_factory=dict)
+    # How the module's structured outputs map to graph outputs (names are pytree paths), the
+    # non-tensor arguments fixed at export, and axes exported at another size than the example.
     output_structure: dict[str, Any] | None = None
     constants: dict[str, Any] | None = None
     export_sizes: dict[str, int] | None = None
@@ -154,11 +157,6 @@ class ModelManifest:
     golden: str | None = None
     tolerances: dict[str, Any] | None = None
     profile_shapes: dict[str, list[int]] | None = None
-    # How the module's structured outputs map to graph outputs (names are pytree paths), the
-    # non-tensor arguments fixed at export, and axes exported at another size than the example.
-    output_structure: dict[str, Any] | None = None
-    constants: dict[str, Any] | None = None
-    export_sizes: dict[str, int] | None = None
     # Where a user's module came from beyond a factory (a Hugging Face component: its
     # path or hub id, component, classes and transformers version).
     source: dict[str, Any] | None = None
@@ -190,6 +188,16 @@ class ModelDir:
     @property
     def precision(self) -> str:
         return self.manifest.precision
+
+    @property
+    def attention(self) -> str:
+        """The attention form of the graph (the manifest's, checked; "decomposed" when the
+        graph has no fused attention node, whatever form the export asked for)."""
+        return self.graph.attention
+
+    @property
+    def opset(self) -> int | None:
+        return self.graph.opset
 
     def check_weights(self, golden) -> None:
         """Refuse a golden set made from other weights than the model (their state-dict hashes
@@ -311,7 +319,152 @@ def check_model_dir(model_dir: Path, data: object, *, where: str, stage: str = "
             f"{where} records weights_sha256 {manifest.weights_sha256}, but {model.name} was "
             f"exported from weights {recorded}", stage=stage,
             hint="the manifest does not belong to this model; " + redo)
+    check_against_graph(manifest, graph, where=f"{where} (of {model.name})")
     return ModelDir(model_dir, manifest, model, tuple(files), graph)
+
+
+# --- the manifest's own content, checked against the graph -----------------------------------
+#
+# No hash covers manifest.json (it holds the model's hash), so whatever in it can change a run
+# or a verdict is checked against the graph, which model_sha256 covers: a manifest edited by
+# hand, damaged or copied from another model is refused here, naming the field.
+
+_GRAPH_FIELDS = ("attention", "opset")  # recorded in the metadata too; the graph itself decides
+
+
+def _disagree(where: str, what: str, says: object, graph: str) -> UserError:
+    return UserError(
+        f"{where}: {what} says {says}, but the graph has {graph}", stage="manifest",
+        hint="the manifest does not match its model (edited or damaged): re-export the model "
+             "with `qcexport convert` (or restore the directory)")
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join("?" if d is None else repr(d) if isinstance(d, str) else str(d)
+                           for d in shape) + "]"
+
+
+def _check_values(kind: str, specs: list[TensorSpec], values, where: str) -> None:
+    names = [s.name for s in specs]
+    actual = [v.name for v in values]
+    if names != actual:
+        raise _disagree(where, kind, names, f"{kind} {actual} (names and order must match)")
+    for i, (spec, value) in enumerate(zip(specs, values, strict=True)):
+        what = f"{kind}[{i}] ({spec.name!r})"
+        if spec.dtype != value.dtype:
+            raise _disagree(where, f"{what} dtype", spec.dtype, f"dtype {value.dtype}")
+        graph_shape = list(value.shape or ())
+        if list(spec.shape) != graph_shape or any(
+                type(a) is not type(b) for a, b in zip(spec.shape, graph_shape, strict=True)):
+            raise _disagree(
+                where, f"{what} shape", _shape_text(spec.shape),
+                f"shape {_shape_text(graph_shape)} (ints are fixed dimensions, names symbolic "
+                "ones)")
+
+
+def _check_dynamic_axes(manifest: ModelManifest, graph: GraphSummary, where: str) -> None:
+    shapes = {v.name: list(v.shape or ()) for v in (*graph.inputs, *graph.outputs)}
+    for name, axes in manifest.dynamic_axes.items():
+        if name not in shapes:
+            raise _disagree(where, "dynamic_axes", f"an entry {name!r}",
+                            f"no input or output of that name (it has {', '.join(shapes)})")
+        shape = shapes[name]
+        for axis, label in axes.items():
+            what = f"dynamic_axes[{name!r}][{axis!r}]"
+            if not axis.isdecimal() or int(axis) >= len(shape):
+                raise _disagree(where, what, repr(label),
+                                f"no axis {axis!r} in {name!r} (rank {len(shape)})")
+            dim = shape[int(axis)]
+            if dim != label or not isinstance(dim, str):
+                seen = f"symbolic axis {dim!r}" if isinstance(dim, str) else (
+                    f"fixed size {dim}" if dim is not None else "an unnamed axis")
+                raise _disagree(where, what, repr(label), f"{seen} there")
+
+
+def _check_attention(manifest: ModelManifest, graph: GraphSummary, where: str) -> None:
+    from qcrun.targets import ATTENTION_FORMS
+
+    fused = graph.fused_attention()
+    found = ", ".join(f"{n} {form!r}" for form, n in fused.items()) or "no fused attention node"
+    form = manifest.attention
+    if graph.attention == "mixed":
+        raise UserError(f"{where}: the graph mixes fused attention forms ({found})",
+                        stage="manifest", hint="re-export the model with `qcexport convert`")
+    if form is not None:
+        if form not in ATTENTION_FORMS:
+            raise _disagree(where, "attention", repr(form),
+                            f"{found} (forms: {', '.join(ATTENTION_FORMS)})")
+        # A module without scaled_dot_product_attention exports decomposed under any form.
+        if fused and form != graph.attention:
+            raise _disagree(where, "attention", repr(form), found)
+    record = manifest.fused_attention
+    if record is not None:
+        count = fused.get(record.form, 0)
+        if record.form != (form or record.form) or record.found != count:
+            raise _disagree(where, "fused_attention",
+                            f"{record.found} {record.form!r} node(s)", found)
+
+
+def _check_metadata(manifest: ModelManifest, graph: GraphSummary, where: str) -> None:
+    """What the exporter also wrote into the model's metadata (``qcexport.<field>``) must be
+    the manifest's: mechanism, preset, config, factory, weights hash, versions."""
+    import json
+
+    fields = {f for f in ModelManifest.__dataclass_fields__ if f not in _GRAPH_FIELDS}
+    for key, text in sorted(graph.metadata.items()):
+        name = key.removeprefix("qcexport.")
+        if name == key:
+            continue
+        if name in fields:
+            value = getattr(manifest, name)
+        elif name in manifest.versions:  # qcexport.torch, qcexport.onnx
+            value, name = manifest.versions[name], f"versions[{name!r}]"
+        else:
+            continue
+        if isinstance(value, str) or value is None:
+            same = value == text
+        else:
+            try:
+                same = json.loads(text) == value
+            except ValueError:
+                same = False
+        if not same:
+            raise _disagree(where, name, json.dumps(value), f"{text} in its metadata ({key})")
+
+
+def _check_axis_names(manifest: ModelManifest, graph: GraphSummary, where: str) -> None:
+    """Axis names the manifest sizes (TensorRT profiles, export sizes) must be the graph's."""
+    symbolic = {d for v in graph.inputs for d in v.shape or () if isinstance(d, str)}
+    for what, names in (("profile_shapes", manifest.profile_shapes or {}),
+                         ("export_sizes", manifest.export_sizes or {})):
+        for name in names:
+            if name not in symbolic:
+                raise _disagree(where, f"{what}[{name!r}]", "a symbolic axis",
+                                f"the symbolic input axes {sorted(symbolic)}")
+    structure = manifest.output_structure or {}
+    listed = structure.get("outputs")
+    if isinstance(listed, list):
+        names = [o.get("name") if isinstance(o, dict) else o for o in listed]
+        actual = [v.name for v in graph.outputs]
+        if names != actual:
+            raise _disagree(where, "output_structure.outputs", names, f"outputs {actual}")
+
+
+def check_against_graph(manifest: ModelManifest, graph: GraphSummary, *, where: str) -> None:
+    """Refuse a manifest whose description of the model is not the graph's: inputs and outputs
+    (names, order, dtypes, fixed and symbolic dimensions), dynamic axes, opset, attention
+    form, the fields the exporter also recorded in the model's metadata, and the axis names
+    it sizes. A UserError (stage "manifest") names the field, what the manifest says and what
+    the graph has."""
+    _check_values("inputs", manifest.inputs, graph.inputs, where)
+    _check_values("outputs", manifest.outputs, graph.outputs, where)
+    _check_dynamic_axes(manifest, graph, where)
+    if manifest.opset is not None and manifest.opset != graph.opset:
+        raise _disagree(where, "opset", manifest.opset, f"opset import {graph.opset} "
+                        "(ai.onnx)")
+    _check_attention(manifest, graph, where)
+    _check_metadata(manifest, graph, where)
+    _check_axis_names(manifest, graph, where)
 
 
 def _check_sha(path: Path, expected: str, where: str, stage: str) -> None:

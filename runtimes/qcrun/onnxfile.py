@@ -26,16 +26,60 @@ INT8, UINT8 = 3, 2
 _QDQ = {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv"}
 _DYNAMIC = {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
 
+MS_DOMAIN = "com.microsoft"
+# The fused attention op of each attention form (what `qcexport convert --attention` emits);
+# a graph with neither computes attention from its own MatMul/Softmax ("decomposed").
+FUSED_ATTENTION = {"onnx": ("", "Attention"), "ort": (MS_DOMAIN, "MultiHeadAttention")}
+
+# onnx.TensorProto.DataType -> numpy dtype name, as the manifests write dtypes
+DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
+          8: "object", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64",
+          14: "complex64", 15: "complex128", 16: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class ValueSpec:
+    """A graph input or output as the graph declares it: name, numpy dtype name (None when it
+    is not a tensor) and shape (an int per fixed dimension, the name of a symbolic one, None
+    for an unnamed one; the shape is None when the graph declares none)."""
+
+    name: str
+    dtype: str | None
+    shape: tuple[int | str | None, ...] | None
+
 
 @dataclass
 class GraphSummary:
-    """The facts qcrun reads from a model: op counts (subgraphs included), initializer
-    element types, model metadata and the external data files its tensors name."""
+    """The facts qcrun reads from a model: op counts (subgraphs included, by op type and by
+    (domain, op type)), initializer element types, model metadata, the external data files its
+    tensors name, the opsets it imports and the main graph's inputs and outputs."""
 
     ops: Counter = field(default_factory=Counter)  # op_type -> count
+    domain_ops: Counter = field(default_factory=Counter)  # (domain, op_type) -> count
     initializer_types: Counter = field(default_factory=Counter)  # TensorProto data_type -> count
     metadata: dict[str, str] = field(default_factory=dict)
     external_files: set[str] = field(default_factory=set)
+    opsets: dict[str, int] = field(default_factory=dict)  # domain ("" = ai.onnx) -> version
+    inputs: list[ValueSpec] = field(default_factory=list)  # initializers (IR < 4) left out
+    outputs: list[ValueSpec] = field(default_factory=list)
+    initializers: set[str] = field(default_factory=set)  # names, main graph
+
+    @property
+    def opset(self) -> int | None:
+        """The version of the default (ai.onnx) operator set the model imports."""
+        return self.opsets.get("")
+
+    def fused_attention(self) -> dict[str, int]:
+        """Fused attention nodes per attention form (only the forms that occur)."""
+        return {form: self.domain_ops[key] for form, key in FUSED_ATTENTION.items()
+                if self.domain_ops[key]}
+
+    @property
+    def attention(self) -> str:
+        """The attention form the graph computes in: the form of its fused attention nodes,
+        "decomposed" when it has none, "mixed" when it has both kinds."""
+        forms = list(self.fused_attention())
+        return forms[0] if len(forms) == 1 else "mixed" if forms else "decomposed"
 
     @property
     def precision(self) -> str:
@@ -121,9 +165,48 @@ def _tensor(buf, span, summary: GraphSummary) -> None:
         summary.external_files.add(location)
 
 
+def _signed(value: int) -> int:
+    """An int64 read as an unsigned varint, back to its sign."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _dim(buf, span) -> int | str | None:
+    value = None
+    for number, wire, v in _fields(buf, *span):
+        if number == 1 and wire == 0:
+            value = _signed(v)
+        elif number == 2 and wire == 2:
+            value = _text(buf, v)
+    return value
+
+
+def _value_info(buf, span) -> ValueSpec:
+    """ValueInfoProto: name (1), type (2: TypeProto, tensor_type 1: elem_type 1, shape 2)."""
+    name, dtype, shape = "", None, None
+    for number, wire, v in _fields(buf, *span):
+        if number == 1 and wire == 2:
+            name = _text(buf, v)
+        elif number == 2 and wire == 2:
+            for n, w, tv in _fields(buf, *v):
+                if n != 1 or w != 2:
+                    continue
+                for tn, tw, x in _fields(buf, *tv):
+                    if tn == 1 and tw == 0:
+                        dtype = DTYPES.get(x, f"onnx-type-{x}")
+                    elif tn == 2 and tw == 2:
+                        shape = tuple(_dim(buf, d) for dn, dw, d in _fields(buf, *x)
+                                      if dn == 1 and dw == 2)
+    return ValueSpec(name, dtype, shape)
+
+
+def _initializer_name(buf, span) -> str:
+    return next((_text(buf, v) for n, w, v in _fields(buf, *span) if n == 8 and w == 2), "")
+
+
 def _graph(buf, span, summary: GraphSummary, depth: int) -> None:
     if depth > 32:
         raise _Truncated
+    inputs = []
     for number, wire, v in _fields(buf, *span):
         if wire != 2:
             continue
@@ -131,19 +214,28 @@ def _graph(buf, span, summary: GraphSummary, depth: int) -> None:
             _node(buf, v, summary, depth)
         elif number == 5:  # initializer
             _tensor(buf, v, summary)
+            if depth == 0:
+                summary.initializers.add(_initializer_name(buf, v))
+        elif number in (11, 12) and depth == 0:  # the main graph's inputs and outputs
+            (inputs if number == 11 else summary.outputs).append(_value_info(buf, v))
         elif number == 15:  # sparse_initializer: values (1) is a TensorProto
             for n, w, sv in _fields(buf, *v):
                 if n == 1 and w == 2:
                     _tensor(buf, sv, summary)
+    if depth == 0:
+        # Before IR 4 every initializer was also listed as an input; it is not one to feed.
+        summary.inputs = [i for i in inputs if i.name not in summary.initializers]
 
 
 def _node(buf, span, summary: GraphSummary, depth: int) -> None:
-    op_type = ""
+    op_type = domain = ""
     for number, wire, v in _fields(buf, *span):
         if wire != 2:
             continue
         if number == 4:
             op_type = _text(buf, v)
+        elif number == 7:
+            domain = _text(buf, v)
         elif number == 5:  # attribute: a graph (6), graphs (11) or a tensor (5: Constant)
             for n, w, av in _fields(buf, *v):
                 if w != 2:
@@ -153,6 +245,7 @@ def _node(buf, span, summary: GraphSummary, depth: int) -> None:
                 elif n == 5:
                     _tensor(buf, av, summary)
     summary.ops[op_type] += 1
+    summary.domain_ops[("" if domain == "ai.onnx" else domain, op_type)] += 1
 
 
 def read_summary(path: str | Path, *, stage: str = "model") -> GraphSummary:
@@ -174,6 +267,14 @@ def read_summary(path: str | Path, *, stage: str = "model") -> GraphSummary:
                     elif number == 14 and wire == 2:
                         key, value = _string_pair(buf, v)
                         summary.metadata[key] = value
+                    elif number == 8 and wire == 2:  # opset_import: domain (1), version (2)
+                        domain, version = "", 0
+                        for n, w, ov in _fields(buf, *v):
+                            if n == 1 and w == 2:
+                                domain = _text(buf, ov)
+                            elif n == 2 and w == 0:
+                                version = _signed(ov)
+                        summary.opsets["" if domain == "ai.onnx" else domain] = version
                 if not graphs:
                     raise _Truncated
     except _Truncated:

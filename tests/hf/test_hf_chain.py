@@ -82,10 +82,18 @@ def test_golden_of_another_model_is_refused(converted, tiny_hf, tmp_path):
     c = converted("qformer")
     r = cli("parity", c.model_dir, "--golden", golden, "--targets", "ort-cpu")
     assert r.exit_code == 1
-    assert "error: golden:" in r.output and "holds weights" in r.output, r.output
+    refusal = r.output.splitlines()[-2]  # `error: golden: ... weights ...`, then `fix: ...`
+    assert refusal.startswith("error: golden:") and "weights" in refusal, r.output
     r = cli("bundle", c.model_dir, "--target", "ort-cpu", "--golden", golden,
             "-o", tmp_path / "x.bundle")
     assert r.exit_code == 1 and not (tmp_path / "x.bundle").exists(), r.output
+    # refused for the weights before anything ran, not for the failing comparison
+    assert refusal in r.output and "fails parity" not in r.output, r.output
+    # writing the other model's set over this one needs --update; until then nothing changes
+    before = {p.name: p.read_bytes() for p in c.golden_dir.iterdir()}
+    r = cli("golden", "--hf", other, "--component", "qformer", "-o", c.golden_dir)
+    assert r.exit_code == 1 and "--update" in r.output and "weights.npz" in r.output, r.output
+    assert {p.name: p.read_bytes() for p in c.golden_dir.iterdir()} == before
     # the matching golden set passes, so the refusal above is about the weights
     r = cli("parity", c.model_dir, "--golden", c.golden_dir, "--targets", "ort-cpu")
     assert r.exit_code == 0, r.output
@@ -111,6 +119,13 @@ def test_factory_golden_with_cases_and_constants(tmp_path, monkeypatch):
     assert sorted(gset.cases[0].outputs) == ["output_0", "output_1.0"]
     r = cli("parity", "out/model", "--golden", "out/golden", "--targets", "ort-cpu")
     assert r.exit_code == 0, r.output
+
+    # same weights, golden outputs computed with the other value of the constant: refused
+    r = cli("golden", "--module", "userpkg.models:make_unscaled", "-o", "out/golden-unscaled")
+    assert r.exit_code == 0, r.output
+    r = cli("parity", "out/model", "--golden", "out/golden-unscaled", "--targets", "ort-cpu")
+    assert r.exit_code == 1 and "error: golden:" in r.output, r.output
+    assert "non-tensor arguments" in r.output and "scale_output" in r.output, r.output
 
     r = cli("golden", "--module", "userpkg.models:make_bad_cases", "-o", "out/golden-bad")
     assert r.exit_code == 1
@@ -153,6 +168,11 @@ def _cases():
 def make():
     return (Net().eval(), _feed(2, 6, 0),
             {"x": {0: "batch", 1: "tokens"}, "mask": {0: "batch", 1: "tokens"}}, _cases)
+
+
+def make_unscaled():
+    return (Net().eval(), dict(_feed(2, 6, 0), scale_output=False),
+            {"x": {0: "batch", 1: "tokens"}, "mask": {0: "batch", 1: "tokens"}})
 
 
 def make_bad_cases():
