@@ -102,6 +102,21 @@ class FusedAttention:
 
 
 @dataclass(frozen=True)
+class ExportCheck:
+    """One output of one check of the exported graph against PyTorch eager, run by
+    ``qcexport convert`` (a record of what happened then; no verdict of qcrun reads it)."""
+
+    case: str
+    output: str
+    shape: list[int]
+    max_abs: float
+    cosine: float
+    tolerance: str
+    passed: bool
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class SourceModel:
     """The fp32 model a reduced-precision one was made from (recorded, never opened)."""
 
@@ -144,11 +159,11 @@ class ModelManifest:
     constants: dict[str, Any] | None = None
     export_sizes: dict[str, int] | None = None
     fused_attention: FusedAttention | None = None
-    verification: list[dict[str, Any]] = field(default_factory=list)
+    verification: list[ExportCheck] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
-    files: list[str] | None = None
+    files: list[str] = field(default_factory=list)
     files_sha256: dict[str, str] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
@@ -364,6 +379,9 @@ def _check_values(kind: str, specs: list[TensorSpec], values, where: str) -> Non
 
 def _check_dynamic_axes(manifest: ModelManifest, graph: GraphSummary, where: str) -> None:
     shapes = {v.name: list(v.shape or ()) for v in (*graph.inputs, *graph.outputs)}
+    # An output axis whose size depends on an input's values (e.g. m queries) gets a name of
+    # the exporter's ("u0"), not the spec's label; an input axis always has the label.
+    named = {d for v in graph.inputs for d in v.shape or () if isinstance(d, str)}
     for name, axes in manifest.dynamic_axes.items():
         if name not in shapes:
             raise _disagree(where, "dynamic_axes", f"an entry {name!r}",
@@ -375,7 +393,8 @@ def _check_dynamic_axes(manifest: ModelManifest, graph: GraphSummary, where: str
                 raise _disagree(where, what, repr(label),
                                 f"no axis {axis!r} in {name!r} (rank {len(shape)})")
             dim = shape[int(axis)]
-            if dim != label or not isinstance(dim, str):
+            exporters = isinstance(dim, str) and dim not in named and label not in named
+            if not isinstance(dim, str) or (dim != label and not exporters):
                 seen = f"symbolic axis {dim!r}" if isinstance(dim, str) else (
                     f"fixed size {dim}" if dim is not None else "an unnamed axis")
                 raise _disagree(where, what, repr(label), f"{seen} there")
@@ -441,6 +460,21 @@ def _check_axis_names(manifest: ModelManifest, graph: GraphSummary, where: str) 
             if name not in symbolic:
                 raise _disagree(where, f"{what}[{name!r}]", "a symbolic axis",
                                 f"the symbolic input axes {sorted(symbolic)}")
+    outputs = {v.name: list(v.shape or ()) for v in graph.outputs}
+    for i, check in enumerate(manifest.verification):
+        what = f"verification[{i}]"
+        shape = outputs.get(check.output)
+        if shape is None:
+            raise _disagree(where, f"{what}.output", repr(check.output),
+                            f"outputs {list(outputs)}")
+        if len(check.shape) != len(shape) or any(
+                isinstance(d, int) and d != n for d, n in zip(shape, check.shape, strict=True)):
+            raise _disagree(where, f"{what}.shape", check.shape,
+                            f"{check.output!r} of shape {_shape_text(shape)}")
+        if not check.passed:
+            raise UserError(f"{where}: {what} records a failed export check of "
+                            f"{check.output!r}, which `qcexport convert` never writes",
+                            stage="manifest", hint="re-export the model with `qcexport convert`")
     structure = manifest.output_structure or {}
     listed = structure.get("outputs")
     if isinstance(listed, list):
