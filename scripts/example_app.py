@@ -3,12 +3,14 @@
     python scripts/example_app.py qformer.bundle --requests 200 --threads 4
 
 It loads the bundle on the best target of this device (or --target), checks one golden case
-against the bundle's own tolerance at start-up (an app should refuse to serve a model that is
-wrong on this device), then serves a stream of requests from a generator -- shaped like the
-bundle's golden inputs, with fresh visual features each time -- from --threads worker threads
-sharing one model, and prints throughput, latency percentiles and a checksum of the outputs
-(the same inputs give the same checksum on every run and any thread count; targets agree to
-the bundle's tolerance).
+at start-up (an app should refuse to serve a model that is wrong on this device) under the
+policy `qcrun verify` would use: qcrun's built-in tolerances for the precision of the model's
+graph (the host's policy recorded in the bundle counts only for a bundle loaded with
+trusted_keys that signed it; this app passes none). Then it serves a stream of requests from
+a generator -- shaped like the bundle's golden inputs, with fresh visual features each time --
+from --threads worker threads sharing one model, and prints throughput, latency percentiles
+and a checksum of the outputs (the same inputs give the same checksum on every run and any
+thread count; targets agree to qcrun's tolerance for the bundle's precision).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def request_stream(template: dict[str, np.ndarray], count: int, seed: int
 
 
 def self_test(model: qcrun.Model, golden) -> str:
-    """Run the first golden case; a UserError when an output is outside the bundle's policy."""
+    """Run the first golden case; a UserError when an output is outside the policy that judges
+    the bundle (``Bundle.policy``: qcrun's built-in one unless a trusted key signed it)."""
     bundle = model.bundle
     case = golden.cases[0]
     outputs = model(**case.inputs)

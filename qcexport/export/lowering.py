@@ -16,8 +16,11 @@ Every function walks ``If``/``Loop`` subgraphs too: routed models keep attention
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -71,15 +74,17 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose large initializers keep their type and shape but not their bytes (marked
-    external): small enough to serialise for shape inference and checks at any model size."""
+    external): small enough to serialise for shape inference at any model size. A staged
+    model (its large tensors already external) is returned as it is."""
     from qcexport.export import save
 
-    if not save.is_large(model):
+    if not any(len(t.raw_data) > save.INLINE_TENSOR_BYTES
+               for g in iter_graphs(model.graph) for t in g.initializer):
         return model
     skeleton = copy_model(model)
     for graph in iter_graphs(skeleton.graph):
         for t in graph.initializer:
-            if len(t.raw_data) > 1024:  # shape-like constants stay: shape inference reads them
+            if len(t.raw_data) > save.INLINE_TENSOR_BYTES:  # shape constants stay inline
                 t.ClearField("raw_data")
                 t.data_location = onnx.TensorProto.EXTERNAL
                 del t.external_data[:]
@@ -87,23 +92,39 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     return skeleton
 
 
-def check_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker.check_model`` at any size: a model saved with external data is checked
-    from a temporary copy on disk (the checker cannot take it in memory)."""
+def check_model(model: onnx.ModelProto, base_dir: Path | None = None) -> None:
+    """``onnx.checker.check_model`` and strict type/shape inference at any size.
+
+    A model in memory is checked as it is. A staged model (``qcexport.export.save``: its
+    weights external, in ``base_dir``) or one over the protobuf limit is checked from disk,
+    where the checker also proves every external tensor's file is there; neither path
+    serialises the weights.
+    """
     from qcexport.export import save
 
-    if not save.is_large(model):
+    if not save.has_external_data(model) and not save.is_large(model):
         onnx.checker.check_model(model)
+        onnx.shape_inference.infer_shapes(model, check_type=True)
         return
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory(prefix="qcexport-check-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        save.save_model_atomic(model, path)
-        onnx.checker.check_model(str(path))
-        onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / "inferred.onnx"),
-                                               check_type=True)
+        if save.has_external_data(model):
+            if base_dir is None:
+                raise ValueError("a staged model is checked in its staging directory: pass "
+                                 "base_dir")
+            fd, name = tempfile.mkstemp(dir=base_dir, prefix=".check-", suffix=".onnx")
+            os.close(fd)
+            path = Path(name)
+            path.write_bytes(model.SerializeToString())
+        else:
+            path = Path(tmp) / "model.onnx"
+            save.save_model_atomic(model, path)
+        try:
+            onnx.checker.check_model(str(path))
+            onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / "inferred.onnx"),
+                                                   check_type=True)
+        finally:
+            if path.parent != Path(tmp):
+                path.unlink(missing_ok=True)
 
 
 def _static_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
@@ -226,12 +247,14 @@ _REDUCE_18 = {
 }
 
 
-def downgrade_to_opset17(model: onnx.ModelProto) -> onnx.ModelProto:
+def downgrade_to_opset17(model: onnx.ModelProto, base_dir: Path | None = None
+                         ) -> onnx.ModelProto:
     """Bring an opset-18 model down to opset 17 (for TensorRT 10.3 and old runtimes).
 
     Handles what changed between the two for the ops our graphs use: Reduce* ``axes`` as an
     input (18) versus an attribute (17), and Split's ``num_outputs``. Constant axes are needed;
-    a model that computes them at run time cannot go to 17 and is reported.
+    a model that computes them at run time cannot go to 17 and is reported. ``base_dir``: where
+    a staged model's weights are (see ``check_model``).
     """
     model = copy_model(model)
     consts = _constants(model)
@@ -247,7 +270,7 @@ def downgrade_to_opset17(model: onnx.ModelProto) -> onnx.ModelProto:
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx"):
             op.version = 17
-    check_model(model)
+    check_model(model, base_dir)
     return model
 
 
@@ -255,7 +278,8 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     consts = {}
     for graph in iter_graphs(model.graph):
         for init in graph.initializer:
-            consts[init.name] = numpy_helper.to_array(init)
+            if init.data_location != onnx.TensorProto.EXTERNAL:  # weights: staged, not axes
+                consts[init.name] = numpy_helper.to_array(init)
         for node in graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from qcexport import mechanisms
-from qcexport.export.pipeline import ConvertResult, StageCallback, convert
+from qcexport.export.pipeline import ConvertResult, Owned, StageCallback, convert
 
 
 def convert_mechanism(
@@ -49,8 +49,10 @@ def convert_mechanism(
         ("export_shape", spec.inputs(config, spec.export_case, seed=1)),
         (spec.verify_case.name + "_shape", spec.inputs(config, spec.verify_case, seed=2)),
     ]
+    owned = Owned(module)
+    del module  # convert owns it: its weights are freed once exported (peak memory)
     return convert(
-        module,
+        owned,
         example,
         dynamic_axes,
         output_names=output_names,

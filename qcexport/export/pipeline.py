@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import tempfile
@@ -46,7 +47,7 @@ from qcexport.export.outputs import (
     require_tensors,
     split_inputs,
 )
-from qcexport.export.save import prepare_output_dir, save_model_and_manifest, save_model_atomic
+from qcexport.export.save import prepare_output_dir, save_model_and_manifest
 from qcexport.export.torch_export import AxisMap, check_dynamic_axes, export_module
 from qcexport.mechanisms.attention import set_fused
 
@@ -258,7 +259,18 @@ def widen_trivial_axes(
     return out, {label: (size, WIDENED_SIZE) for label, size in trivial.items()}
 
 
-def convert(module: nn.Module, example_inputs, dynamic_axes=None, **kwargs) -> ConvertResult:
+@dataclass
+class Owned:
+    """A module handed to :func:`convert` for good (``convert(Owned(module), ...)``, the
+    caller keeping no other reference): convert drops it once it is exported and its eager
+    references are taken, so its weights are not held through the graph stages. With a
+    module the caller keeps, convert's peak memory is that module's size higher."""
+
+    module: nn.Module | None
+
+
+def convert(module: nn.Module | Owned, example_inputs, dynamic_axes=None,
+            **kwargs) -> ConvertResult:
     """Export ``module(**example_inputs)`` to ``output_dir/model.onnx`` and verify it.
 
     See :func:`_convert` for the arguments. A directory created for a conversion that fails is
@@ -276,7 +288,7 @@ def convert(module: nn.Module, example_inputs, dynamic_axes=None, **kwargs) -> C
 
 
 def _convert(
-    module: nn.Module,
+    module: nn.Module | Owned,
     example_inputs: Mapping[str, torch.Tensor],
     dynamic_axes: AxisMap | None = None,
     *,
@@ -306,181 +318,206 @@ def _convert(
     form = resolve_attention(target, attention)
     opset = resolve_opset(form, opset, target)
     out_dir = prepare_output_dir(output_dir)
-    module = module.eval()
-    timings: dict[str, float] = {}
-    warnings: list[str] = []
+    # the model between stages: its weights in files here, never twice in memory
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".qcexport-stage-") as tmp:
+        staging = Path(tmp)
+        owned = module if isinstance(module, Owned) else None
+        if owned:
+            module, owned.module = owned.module, None
+        module = module.eval()
+        timings: dict[str, float] = {}
+        warnings: list[str] = []
 
-    def stage(name: str, fn, *args):
-        start = time.perf_counter()
+        def stage(name: str, fn, *args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            except UserError as exc:
+                exc.stage = exc.stage or name
+                raise
+            finally:  # a stage that runs twice (eager) reports its total
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+                if on_stage:
+                    on_stage(name, timings[name], "")
+
+        tensors, constants = split_inputs(example_inputs, constants)
         try:
-            return fn(*args)
+            returned, flat_leaves = stage("eager", _eager, module, {**tensors, **constants})
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(
+                f"the module's forward fails on the example inputs: {type(exc).__name__}: {exc}",
+                stage="eager",
+                hint="fix the module or the example inputs; module(**example_inputs) must run",
+            ) from exc
+        plan = plan_outputs(flat_leaves, output_names)
+        output_names = plan.names
+        if set(dynamic_axes) & set(constants):
+            raise UserError(f"dynamic_axes names constant arguments "
+                            f"{sorted(set(dynamic_axes) & set(constants))}", stage="export",
+                            hint="only tensor inputs and outputs have axes")
+        input_axes = {k: v for k, v in dynamic_axes.items() if k in tensors}
+        unknown = sorted(set(dynamic_axes) - set(tensors) - set(output_names))
+        if unknown:
+            raise UserError(f"dynamic_axes names {unknown}, which are neither inputs "
+                            f"{list(tensors)} nor outputs {output_names}",
+                            stage="export", hint="use the module's input names")
+        export_example, widened = widen_trivial_axes(tensors, input_axes)
+        if widened:
+            warnings.append(
+                "exported at " + ", ".join(f"{label}={new} (example {old})"
+                                           for label, (old, new) in widened.items())
+                + ": torch.export fixes a dynamic axis whose example size is 0 or 1; the model is "
+                "still verified at the example size")
+
+        # Everything PyTorch has to give is taken before export: the weights' hash and the
+        # eager reference of every verification case. Then an owned module can go, and the
+        # graph stages never hold the weights twice.
+        if verify_inputs is None:
+            verify_inputs = [("export_shape", resample(tensors, {}, seed=1)),
+                             ("other_shape", resample(tensors, input_axes, seed=2))]
+        verify_inputs = [(case, _verify_feed(case, inputs, tensors, constants))
+                         for case, inputs in verify_inputs]
+        flat = _flat(module, returned, tensors, constants, plan)
+        references = stage("eager", _references, flat, verify_inputs)
+        wsha = weights_sha256(module)
+
+        export_opset = 23 if form in ("onnx", "ort") else 18
+        set_fused(module, form != "decomposed")
+        try:
+            exported = stage("export", export_module, flat, export_example, output_names,
+                             input_axes, export_opset, staging)
         except UserError as exc:
-            exc.stage = exc.stage or name
+            if widened:
+                exc.args = (f"{exc.args[0]} (the example was exported at "
+                            + ", ".join(f"{label}={new}" for label, (_, new) in widened.items())
+                            + " because torch.export fixes an axis of example size 0 or 1; a module "
+                            "that only works at that size cannot have the axis dynamic)",
+                            *exc.args[1:])
             raise
         finally:
-            timings[name] = time.perf_counter() - start
-            if on_stage:
-                on_stage(name, timings[name], "")
+            set_fused(module, True)
+        del flat, returned
+        if owned:  # the caller kept no reference: free the weights before the graph stages
+            del module
+            gc.collect()
+        model, expected = exported.model, exported.sdpa_calls
+        for old, new in exported.renamed.items():
+            warnings.append(f"the graph value {old!r} (a parameter or an internal value) was "
+                            f"renamed {new!r} so that the output can keep the name {old!r}")
+        if form == "decomposed":
+            expected_fused = 0
+        else:
+            expected_fused = expected
 
-    tensors, constants = split_inputs(example_inputs, constants)
-    try:
-        returned, flat_leaves = stage("eager", _eager, module, {**tensors, **constants})
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(
-            f"the module's forward fails on the example inputs: {type(exc).__name__}: {exc}",
-            stage="eager",
-            hint="fix the module or the example inputs; module(**example_inputs) must run",
-        ) from exc
-    plan = plan_outputs(flat_leaves, output_names)
-    output_names = plan.names
-    if set(dynamic_axes) & set(constants):
-        raise UserError(f"dynamic_axes names constant arguments "
-                        f"{sorted(set(dynamic_axes) & set(constants))}", stage="export",
-                        hint="only tensor inputs and outputs have axes")
-    input_axes = {k: v for k, v in dynamic_axes.items() if k in tensors}
-    unknown = sorted(set(dynamic_axes) - set(tensors) - set(output_names))
-    if unknown:
-        raise UserError(f"dynamic_axes names {unknown}, which are neither inputs "
-                        f"{list(tensors)} nor outputs {output_names}",
-                        stage="export", hint="use the module's input names")
-    export_example, widened = widen_trivial_axes(tensors, input_axes)
-    if widened:
-        warnings.append(
-            "exported at " + ", ".join(f"{label}={new} (example {old})"
-                                       for label, (old, new) in widened.items())
-            + ": torch.export fixes a dynamic axis whose example size is 0 or 1; the model is "
-            "still verified at the example size")
+        model = stage("simplify", _simplify, model, warnings, staging)
+        if form == "ort":
+            model = stage("lower", to_ort_attention, model)
+        elif form == "decomposed" and opset == 17:
+            model = stage("lower", downgrade_to_opset17, model, staging)
+        found = fused_attention_count(model, form)
+        if expected_fused and found != expected_fused:
+            raise UserError(
+                f"expected {expected_fused} fused {form!r} attention nodes (one per "
+                f"scaled_dot_product_attention call) but the graph has {found}",
+                stage="lower",
+                hint="the exporter decomposed some attention (3-D or 5-D q/k/v, dropout in "
+                "training mode, opset < 23); use 4-D q/k/v or --attention decomposed",
+            )
+        if form != "decomposed" and expected == 0:
+            warnings.append("no fused attention found: the module computes attention with its own "
+                            "math (einsum/matmul/softmax), so it is exported decomposed")
 
-    export_opset = 23 if form in ("onnx", "ort") else 18
-    set_fused(module, form != "decomposed")
-    try:
-        exported = stage("export", export_module, _flat(module, returned, tensors, constants,
-                                                        plan),
-                         export_example, output_names, input_axes, export_opset)
-    except UserError as exc:
-        if widened:
-            exc.args = (f"{exc.args[0]} (the example was exported at "
-                        + ", ".join(f"{label}={new}" for label, (_, new) in widened.items())
-                        + " because torch.export fixes an axis of example size 0 or 1; a module "
-                        "that only works at that size cannot have the axis dynamic)",
-                        *exc.args[1:])
-        raise
-    finally:
-        set_fused(module, True)
-    model, expected = exported.model, exported.sdpa_calls
-    for old, new in exported.renamed.items():
-        warnings.append(f"the graph value {old!r} (a parameter or an internal value) was "
-                        f"renamed {new!r} so that the output can keep the name {old!r}")
-    if form == "decomposed":
-        expected_fused = 0
-    else:
-        expected_fused = expected
+        meta = {
+            "qcexport.attention": form,
+            "qcexport.opset": str(opset),
+            "qcexport.torch": torch.__version__,
+            "qcexport.onnx": onnx.__version__,
+            "qcexport.weights_sha256": wsha,
+            **{f"qcexport.{k}": v if isinstance(v, str) else json.dumps(v)
+               for k, v in (metadata or {}).items()},
+        }
+        model = stage("check", _check, model, input_axes, meta, staging)
+        records = stage("verify", _verify, model, staging, references, verify_inputs,
+                        output_names)
+        failed = [r for r in records if not r.passed]
+        if failed:
+            lines = "; ".join(f"{r.case}/{r.output}: max abs {r.max_abs:.3g}, cosine "
+                              f"{r.cosine:.6f} ({r.message or r.tolerance})" for r in failed)
+            raise UserError(
+                f"the exported model does not match PyTorch eager: {lines}",
+                stage="verify",
+                hint="try --attention decomposed to tell a fused-kernel issue from an export issue; "
+                "nothing was written",
+            )
 
-    model = stage("simplify", _simplify, model, warnings)
-    if form == "ort":
-        model = stage("lower", to_ort_attention, model)
-    elif form == "decomposed" and opset == 17:
-        model = stage("lower", downgrade_to_opset17, model)
-    found = fused_attention_count(model, form)
-    if expected_fused and found != expected_fused:
-        raise UserError(
-            f"expected {expected_fused} fused {form!r} attention nodes (one per "
-            f"scaled_dot_product_attention call) but the graph has {found}",
-            stage="lower",
-            hint="the exporter decomposed some attention (3-D or 5-D q/k/v, dropout in "
-            "training mode, opset < 23); use 4-D q/k/v or --attention decomposed",
-        )
-    if form != "decomposed" and expected == 0:
-        warnings.append("no fused attention found: the module computes attention with its own "
-                        "math (einsum/matmul/softmax), so it is exported decomposed")
-
-    wsha = weights_sha256(module)
-    meta = {
-        "qcexport.attention": form,
-        "qcexport.opset": str(opset),
-        "qcexport.torch": torch.__version__,
-        "qcexport.onnx": onnx.__version__,
-        "qcexport.weights_sha256": wsha,
-        **{f"qcexport.{k}": v if isinstance(v, str) else json.dumps(v)
-           for k, v in (metadata or {}).items()},
-    }
-    model = stage("check", _check, model, input_axes, meta)
-
-    if verify_inputs is None:
-        verify_inputs = [("export_shape", resample(tensors, {}, seed=1)),
-                         ("other_shape", resample(tensors, input_axes, seed=2))]
-    verify_inputs = [(case, _verify_feed(case, inputs, tensors, constants))
-                     for case, inputs in verify_inputs]
-    flat = _flat(module, returned, tensors, constants, plan)
-    records = stage("verify", _verify, model, flat, verify_inputs, output_names)
-    failed = [r for r in records if not r.passed]
-    if failed:
-        lines = "; ".join(f"{r.case}/{r.output}: max abs {r.max_abs:.3g}, cosine "
-                          f"{r.cosine:.6f} ({r.message or r.tolerance})" for r in failed)
-        raise UserError(
-            f"the exported model does not match PyTorch eager: {lines}",
-            stage="verify",
-            hint="try --attention decomposed to tell a fused-kernel issue from an export issue; "
-            "nothing was written",
-        )
-
-    path = out_dir / MODEL_FILE
-    manifest = {
-        "format": 1,
-        **(dict(metadata) if metadata else {}),
-        "precision": "fp32",
-        "target": target,
-        "attention": form,
-        "opset": opset,
-        "model": MODEL_FILE,
-        "weights_sha256": wsha,
-        "inputs": _io_spec(model.graph.input, _input_ranges(model, input_ranges)),
-        "outputs": _io_spec(model.graph.output),
-        "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in dynamic_axes.items()},
-        "output_structure": {**plan.structure(), "renamed_values": exported.renamed},
-        "constants": constants,
-        "export_sizes": {label: new for label, (_, new) in widened.items()},
-        "fused_attention": {"form": form, "expected": expected_fused, "found": found,
-                            "sdpa_calls": expected},
-        "verification": [dataclasses.asdict(r) for r in records],
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "warnings": warnings,
-        "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
-    }
-    start = time.perf_counter()
-    try:
-        save_model_and_manifest(model, path, out_dir / MANIFEST_FILE, manifest)
-    except OSError as exc:
-        raise UserError(f"could not write {path}: {exc.strerror or exc}", stage="save",
-                        hint="free space or choose another -o; the previous model, if any, is "
-                        "untouched") from exc
-    timings["save"] = time.perf_counter() - start
-    if on_stage:
-        on_stage("save", timings["save"], str(path))
-    return ConvertResult(path, manifest, form, opset, expected_fused, found, records, timings,
-                         warnings)
+        path = out_dir / MODEL_FILE
+        manifest = {
+            "format": 1,
+            **(dict(metadata) if metadata else {}),
+            "precision": "fp32",
+            "target": target,
+            "attention": form,
+            "opset": opset,
+            "model": MODEL_FILE,
+            "weights_sha256": wsha,
+            "inputs": _io_spec(model.graph.input, _input_ranges(model, input_ranges)),
+            "outputs": _io_spec(model.graph.output),
+            "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in dynamic_axes.items()},
+            "output_structure": {**plan.structure(), "renamed_values": exported.renamed},
+            "constants": constants,
+            "export_sizes": {label: new for label, (_, new) in widened.items()},
+            "fused_attention": {"form": form, "expected": expected_fused, "found": found,
+                                "sdpa_calls": expected},
+            "verification": [dataclasses.asdict(r) for r in records],
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "warnings": warnings,
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
+        }
+        start = time.perf_counter()
+        try:
+            save_model_and_manifest(model, path, out_dir / MANIFEST_FILE, manifest,
+                                    base_dir=staging)
+        except OSError as exc:
+            raise UserError(f"could not write {path}: {exc.strerror or exc}", stage="save",
+                            hint="free space or choose another -o; the previous model, if any, is "
+                            "untouched") from exc
+        timings["save"] = time.perf_counter() - start
+        if on_stage:
+            on_stage("save", timings["save"], str(path))
+        return ConvertResult(path, manifest, form, opset, expected_fused, found, records, timings,
+                             warnings)
 
 
-def _simplify(model: onnx.ModelProto, warnings: list[str]) -> onnx.ModelProto:
+def _simplify(model: onnx.ModelProto, warnings: list[str], staging: Path) -> onnx.ModelProto:
+    """onnxsim on the staged model, from disk: its C++ core reads the weights itself (it
+    needs them to fold constants and fuse MatMul+Add into Gemm) and Python holds them only
+    while its result is staged again."""
     if save.is_large(model):
         warnings.append("the model is over the 2 GB protobuf limit, which onnxsim cannot read: "
                         "kept the exporter's (already optimised) graph")
         return model
+    source, target = staging / "to-simplify.onnx", staging / "simplified.onnx"
+    save.write_staged(model, source)
     try:
         import onnxsim
 
-        simplified, ok = onnxsim.simplify(model)
+        simplified, ok = onnxsim.simplify(str(source), output_path=str(target))
     except Exception as exc:  # onnxsim fails in many ways on unusual graphs; keep the original
         warnings.append(f"onnxsim failed ({type(exc).__name__}: {str(exc)[:200]}); "
                         "kept the unsimplified graph")
         return model
+    finally:
+        source.unlink(missing_ok=True)
     if not ok:
         warnings.append("onnxsim could not validate its result; kept the unsimplified graph")
         return model
     restore_node_metadata(model, simplified)
-    return simplified
+    staged = save.externalize(simplified, staging, "simplified.onnx.data")
+    del simplified
+    target.unlink(missing_ok=True)
+    return staged
 
 
 def restore_node_metadata(original: onnx.ModelProto, simplified: onnx.ModelProto) -> None:
@@ -529,11 +566,10 @@ def restore_node_metadata(original: onnx.ModelProto, simplified: onnx.ModelProto
             break
 
 
-def _check(model: onnx.ModelProto, input_axes: AxisMap, meta: Mapping[str, str]) -> onnx.ModelProto:
+def _check(model: onnx.ModelProto, input_axes: AxisMap, meta: Mapping[str, str],
+           staging: Path) -> onnx.ModelProto:
     check_dynamic_axes(model, input_axes)  # the simplifier must not have fixed one either
-    check_model(model)
-    if not save.is_large(model):  # check_model ran it from disk for a large one
-        onnx.shape_inference.infer_shapes(model, check_type=True)
+    check_model(model, staging)
     del model.metadata_props[:]
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
@@ -622,26 +658,31 @@ def _num(value: float | None) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _verify(model, module, verify_inputs, output_names) -> list[VerifyRecord]:
+def _references(module: nn.Module, verify_inputs) -> dict[str, list[torch.Tensor]]:
+    """PyTorch eager outputs of every verification case, in output order."""
+    return {case: eager_outputs(module, inputs) for case, inputs in verify_inputs}
+
+
+def _verify(model, staging: Path, references, verify_inputs, output_names) -> list[VerifyRecord]:
+    """Run the staged model in onnxruntime (through qcrun) on every case and compare with its
+    eager reference under the fp32 policy."""
     from qcrun.adapters import open_adapter
 
     policy = TolerancePolicy()
     records = []
-    with tempfile.TemporaryDirectory(prefix="qcexport-verify-") as tmp:
-        path = Path(tmp) / MODEL_FILE
-        save_model_atomic(model, path)
-        with open_adapter(path, VERIFY_TARGET) as session:
-            for case, inputs in verify_inputs:
-                expected = eager_outputs(module, inputs)
-                actual = session.run({k: v.numpy() for k, v in inputs.items()})
-                for name, ref in zip(output_names, expected, strict=True):
-                    tol = policy.resolve("fp32", VERIFY_TARGET, name)
-                    got = actual[name]
-                    cmp = compare(got, ref.numpy(), tol)
-                    m = cmp.metrics
-                    records.append(VerifyRecord(
-                        case=case, output=name, shape=list(np.shape(got)),
-                        max_abs=_num(m.max_abs), cosine=_num(m.cosine),
-                        tolerance=tol.describe(), passed=cmp.passed, message=cmp.reason or "",
-                    ))
+    path = save.write_staged(model, staging / MODEL_FILE)
+    with open_adapter(path, VERIFY_TARGET) as session:
+        for case, inputs in verify_inputs:
+            actual = session.run({k: v.numpy() for k, v in inputs.items()})
+            for name, ref in zip(output_names, references[case], strict=True):
+                tol = policy.resolve("fp32", VERIFY_TARGET, name)
+                got = actual[name]
+                cmp = compare(got, ref.numpy(), tol)
+                m = cmp.metrics
+                records.append(VerifyRecord(
+                    case=case, output=name, shape=list(np.shape(got)),
+                    max_abs=_num(m.max_abs), cosine=_num(m.cosine),
+                    tolerance=tol.describe(), passed=cmp.passed, message=cmp.reason or "",
+                ))
+    path.unlink()
     return records

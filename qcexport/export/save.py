@@ -6,6 +6,11 @@ manifest are one unit (``replace_pair``): the new pair is written into a hidden 
 beside the old one and swapped in, so a failure leaves the old pair or the new one, never a
 mix. Models over the 2 GB protobuf limit keep their weights in an external data file whose
 name carries a content hash.
+
+Between the stages of a conversion a model is *staged*: an in-memory graph whose large
+initializers are external (``data_location`` EXTERNAL) and live in files of a staging
+directory (``base_dir``), so no stage holds a second in-memory copy of the weights. Saving
+streams those tensors into the final file one at a time.
 """
 
 from __future__ import annotations
@@ -23,8 +28,14 @@ import onnx
 from qcrun.errors import UserError
 from qcrun.files import _umask, manifest_json
 
+from qcexport.export.lowering import iter_graphs
+
 # Protobuf cannot serialise a message of 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Tensors up to this size stay inline: shape constants, which shape inference reads.
+INLINE_TENSOR_BYTES = 1024
+# Protobuf field numbers: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
 
 
 def prepare_output_dir(path: str | os.PathLike) -> Path:
@@ -59,6 +70,13 @@ def _fsync_write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    _share(path)
+
+
+def _share(path: Path) -> None:
+    """Outputs are for sharing: 0666 less the umask, whatever created the file (mkstemp and
+    some libraries make 0600)."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -88,27 +106,31 @@ def _stage(path: Path, data: bytes) -> Path:
 
 
 def save_model_and_manifest(
-    model: onnx.ModelProto, model_path: Path, manifest_path: Path, manifest: dict[str, Any]
+    model: onnx.ModelProto, model_path: Path, manifest_path: Path, manifest: dict[str, Any],
+    base_dir: Path | None = None,
 ) -> list[Path]:
     """Write a model and its manifest as ONE unit (see ``replace_pair``): a failure at any
     point leaves either the complete previous pair or the complete new one.
 
     ``manifest`` gains ``model_sha256`` and ``files``. Models over the protobuf limit keep
-    their weights in an external data file whose name carries a content hash.
+    their weights in an external data file whose name carries a content hash. ``base_dir``
+    is where a staged model's external tensors are (see the module docstring).
     """
     model_path, manifest_path = Path(model_path), Path(manifest_path)
     if manifest_path.parent != model_path.parent:
         raise ValueError("the model and its manifest live in one directory")
 
     def write(new: Path) -> list[str]:
-        if _initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
-            files = [f.name for f in _write_with_external_data(model, new / model_path.name)]
+        if is_large(model):
+            files = [f.name for f in _write_with_external_data(model, new / model_path.name,
+                                                                base_dir)]
             manifest["model_sha256"] = _file_sha256(new / model_path.name)
         else:
-            data = model.SerializeToString()
+            data = inline_bytes(model, base_dir)
             _fsync_write(new / model_path.name, data)
             files = [model_path.name]
             manifest["model_sha256"] = hashlib.sha256(data).hexdigest()
+            del data
         manifest["files"] = files
         # every file the model reads is hashed, so a swapped data file cannot pass
         manifest["files_sha256"] = {f: _file_sha256(new / f) for f in files[1:]}
@@ -229,30 +251,210 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
-def _initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of weights in ``model``, inline or staged, subgraphs included."""
+    total = 0
+    for graph in iter_graphs(model.graph):
+        for t in graph.initializer:
+            total += (int(_external(t).get("length") or 0) if _is_external(t)
+                      else len(t.raw_data) if t.HasField("raw_data") else t.ByteSize())
+    return total
 
 
 def is_large(model: onnx.ModelProto) -> bool:
     """Whether ``model`` is saved with external data (and must not be serialised whole)."""
-    return _initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    return initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
 
 
-def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
-    """Write ``model`` to ``path`` atomically; returns the files written (model first)."""
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(_is_external(t) for g in iter_graphs(model.graph) for t in g.initializer)
+
+
+def _is_external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _external(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _stays_inline(t: onnx.TensorProto) -> bool:
+    """Small tensors (shape constants, read by shape inference) and strings stay in the graph."""
+    if t.data_type == onnx.TensorProto.STRING:
+        return True
+    return not _is_external(t) and t.ByteSize() <= INLINE_TENSOR_BYTES
+
+
+class _Reader:
+    """A tensor's bytes (little-endian, as ``raw_data``), read from its staged data file in
+    ``base_dir`` when it is external; one open file per data file."""
+
+    def __init__(self, base_dir: Path | None):
+        self.base_dir = Path(base_dir) if base_dir is not None else None
+        self.files: dict[str, Any] = {}
+
+    def __call__(self, t: onnx.TensorProto) -> bytes:
+        if not _is_external(t):
+            if t.HasField("raw_data"):
+                return t.raw_data
+            from onnx import numpy_helper
+
+            array = numpy_helper.to_array(t)  # typed fields (float_data...): raw is little-endian
+            return array.astype(array.dtype.newbyteorder("<")).tobytes()
+        info = _external(t)
+        location = info.get("location", "")
+        if self.base_dir is None or Path(location).is_absolute() or ".." in Path(location).parts:
+            raise ValueError(f"tensor {t.name!r} is external ({location!r}) but not staged in "
+                             f"a known directory ({self.base_dir})")
+        if location not in self.files:
+            self.files[location] = open(self.base_dir / location, "rb")  # noqa: SIM115
+        f = self.files[location]
+        f.seek(int(info.get("offset", 0)))
+        length = int(info["length"]) if "length" in info else -1
+        data = f.read(length)
+        if length >= 0 and len(data) != length:
+            raise ValueError(f"{self.base_dir / location} is truncated (tensor {t.name!r})")
+        return data
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+_DATA_FIELDS = ("raw_data", "external_data", "data_location", "float_data", "int32_data",
+                "int64_data", "double_data", "uint64_data")
+
+
+def _header(t: onnx.TensorProto) -> onnx.TensorProto:
+    """``t`` without its data: what precedes its bytes in the file."""
+    header = onnx.TensorProto()
+    header.CopyFrom(t)
+    for name in _DATA_FIELDS:
+        header.ClearField(name)
+    return header
+
+
+def _skeleton(model: onnx.ModelProto, read: _Reader) -> onnx.ModelProto:
+    """A copy of ``model`` without its main-graph initializers (copied field by field, so the
+    weights are never copied); subgraph tensors, which are small, are inlined."""
+    skeleton = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(skeleton, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(skeleton.graph, field, value)
+    for graph in list(iter_graphs(skeleton.graph))[1:]:
+        for t in graph.initializer:
+            if _is_external(t):
+                data = read(t)
+                t.ClearField("external_data")
+                t.ClearField("data_location")
+                t.raw_data = data
+    return skeleton
+
+
+def _copy_field(message, field, value) -> None:
+    if field.is_repeated:
+        getattr(message, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(message, field.name).CopyFrom(value)
+    else:
+        setattr(message, field.name, value)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _key(number: int, length: int) -> bytes:
+    """Key and length of a length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def inline_bytes(model: onnx.ModelProto, base_dir: Path | None = None) -> bytes | bytearray:
+    """``model`` serialised with every tensor inline; staged tensors are read from
+    ``base_dir`` one at a time.
+
+    A protobuf parser merges a message field that occurs more than once (the encoding spec),
+    so the model without its main-graph initializers followed by one ``graph { initializer
+    }`` record per tensor is the same model: written this way it never needs a second
+    in-memory copy of the weights (a staged model has none, and a record is appended as its
+    tensor is read).
+    """
+    if not has_external_data(model):
+        return model.SerializeToString()
+    read = _Reader(base_dir)
+    try:
+        skeleton = _skeleton(model, read)
+        out = bytearray(skeleton.SerializeToString())
+        del skeleton
+        for t in model.graph.initializer:
+            if _stays_inline(t):
+                tensor = t.SerializeToString()
+                data = b""
+            else:
+                data = read(t)
+                tensor = _header(t).SerializeToString() + _key(_TENSOR_RAW_DATA, len(data))
+            size = len(tensor) + len(data)
+            initializer = _key(_GRAPH_INITIALIZER, size)
+            out += _key(_MODEL_GRAPH, len(initializer) + size) + initializer + tensor
+            out += data
+            del data
+        return out
+    finally:
+        read.close()
+
+
+def externalize(model: onnx.ModelProto, directory: Path, data_name: str) -> onnx.ModelProto:
+    """Stage ``model``: its main-graph tensors (but small ones) move to
+    ``directory/data_name`` and are referenced from there. ``model`` loses those bytes in
+    place; the returned compact copy is the one to keep (protobuf frees the bytes only with
+    the message that held them, so the caller drops ``model``)."""
+    with open(Path(directory) / data_name, "wb") as f:
+        for t in model.graph.initializer:
+            if _is_external(t) or _stays_inline(t):
+                continue
+            offset = f.tell()
+            f.write(t.raw_data if t.HasField("raw_data") else _Reader(None)(t))
+            _point_to(t, data_name, offset, f.tell() - offset)
+    staged = onnx.ModelProto()
+    staged.CopyFrom(model)
+    return staged
+
+
+def _point_to(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    for name in _DATA_FIELDS:
+        t.ClearField(name)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        t.external_data.add(key=key, value=value)
+
+
+def write_staged(model: onnx.ModelProto, path: Path) -> Path:
+    """Write a staged model's graph to ``path``, in its staging directory (its external
+    tensors name data files there): a small file, whatever the size of the weights."""
+    Path(path).write_bytes(model.SerializeToString())
+    return Path(path)
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike,
+                      base_dir: Path | None = None) -> list[Path]:
+    """Write ``model`` (staged in ``base_dir``, or in memory) to ``path`` atomically; returns
+    the files written (model first)."""
     path = Path(path)
-    if _initializer_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-        write_bytes_atomic(path, model.SerializeToString())
+    if not is_large(model):
+        write_bytes_atomic(path, inline_bytes(model, base_dir))
         _remove_stale_data(path, keep=None)
         return [path]
-    return _save_with_external_data(model, path)
-
-
-def _save_with_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """A model with external data, written beside ``path`` then moved in (model last)."""
     tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
-        files = _write_with_external_data(model, tmpdir / path.name)
+        files = _write_with_external_data(model, tmpdir / path.name, base_dir)
         for f in files[1:]:
             os.replace(f, path.parent / f.name)
         os.replace(tmpdir / path.name, path)
@@ -262,23 +464,44 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
     return [path.parent / f.name for f in files]
 
 
-def _write_with_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Write ``path`` and its weights file ``<name>.<hash>.data`` beside it."""
-    from onnx.external_data_helper import convert_model_to_external_data
-
-    # A copy without serialising: a model this big cannot be serialised in one piece.
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    model = copy
+def _write_with_external_data(model: onnx.ModelProto, path: Path,
+                              base_dir: Path | None = None) -> list[Path]:
+    """Write ``path`` and its weights file ``<name>.<hash of its bytes>.data`` beside it,
+    streaming the tensors (inline, or staged in ``base_dir``) one at a time."""
+    read = _Reader(base_dir)
     digest = hashlib.sha256()
-    for t in model.graph.initializer:
-        digest.update(t.raw_data)
-    data_name = f"{path.name}.{digest.hexdigest()[:12]}.data"
-    convert_model_to_external_data(model, all_tensors_to_one_file=True, location=data_name,
-                                   size_threshold=1024)
-    onnx.save_model(model, path)  # writes <data_name> beside it
-    data = path.parent / data_name
-    return [path, data] if data.exists() else [path]  # no tensor over 1 KiB: nothing external
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".data")
+    try:
+        skeleton = _skeleton(model, read)
+        moved = []
+        with os.fdopen(fd, "wb") as f:
+            for t in model.graph.initializer:
+                if _stays_inline(t):
+                    skeleton.graph.initializer.add().CopyFrom(t)
+                    continue
+                data = read(t)
+                header = skeleton.graph.initializer.add()
+                header.CopyFrom(_header(t))
+                _point_to(header, "", f.tell(), len(data))
+                f.write(data)
+                digest.update(data)
+                moved.append(header)
+            f.flush()
+            os.fsync(f.fileno())
+        files = [path]
+        if moved:
+            data_name = f"{path.name}.{digest.hexdigest()[:12]}.data"
+            for header in moved:
+                header.external_data[0].value = data_name
+            os.replace(tmp, path.parent / data_name)
+            _share(path.parent / data_name)
+            files.append(path.parent / data_name)
+        _fsync_write(path, skeleton.SerializeToString())
+        return files
+    finally:
+        read.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _data_files(directory: Path, model: str) -> list[Path]:

@@ -1,6 +1,9 @@
-"""The export stage: a PyTorch module and example inputs -> an ONNX model in memory.
+"""The export stage: a PyTorch module and example inputs -> a staged ONNX model.
 
-Uses the dynamo exporter (``torch.onnx.export(..., dynamo=True)``). Dynamic axes become
+Uses the dynamo exporter (``torch.onnx.export(..., dynamo=True)``). The exporter's program
+writes its weights straight to a data file in the staging directory and only the graph is
+read back (``qcexport.export.save``: a staged model), so export never builds a second
+in-memory copy of the weights. Dynamic axes become
 ``torch.export.Dim`` objects shared by name, so every input axis called "batch" is one symbol.
 After export the graph's input shapes are read back: an axis that should be symbolic but came
 out as a number was fixed silently by the exporter, which is an error here.
@@ -15,6 +18,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 import torch
@@ -69,9 +73,11 @@ def export_module(
     output_names: list[str] | tuple[str, ...],
     dynamic_axes: AxisMap,
     opset: int,
+    directory: Path,
 ) -> ExportedGraph:
     """Export ``module`` called as ``module(**example_inputs)``; it returns a tensor or a
-    flat tuple of tensors, one per name in ``output_names``.
+    flat tuple of tensors, one per name in ``output_names``. The model is staged in
+    ``directory`` (its weights in ``exported.onnx.data`` there).
 
     Raises UserError naming the axis when a dynamic axis was fixed and when capture fails.
     """
@@ -110,7 +116,18 @@ def export_module(
         torch_logger.removeHandler(handler)
         onnx_logger.setLevel(onnx_level)
         onnx_logger.propagate = onnx_propagate
-    model = program.model_proto
+    sdpa_calls = sdpa_count(program.exported_program)
+    path = Path(directory) / "exported.onnx"
+    try:
+        program.save(path, external_data=True)
+    except OSError as exc:
+        raise UserError(f"could not write the exported model to {directory}: "
+                        f"{exc.strerror or exc}", stage="export",
+                        hint="free disk space in the output directory (a conversion stages "
+                        "the weights there), or choose another -o") from exc
+    _release_weights(program.model.graph)
+    del program
+    model = onnx.load(str(path), load_external_data=False)
     if len(model.graph.output) != len(output_names):
         raise UserError(
             f"the exported graph has {len(model.graph.output)} outputs, not the "
@@ -121,12 +138,27 @@ def export_module(
         )
     renamed = name_outputs(model, output_names)
     check_dynamic_axes(model, dynamic_axes)
-    return ExportedGraph(model, sdpa_count(program.exported_program), log.getvalue(), renamed)
+    return ExportedGraph(model, sdpa_calls, log.getvalue(), renamed)
+
+
+def _release_weights(graph) -> None:
+    """Cut the exporter's graph off from the module's weights.
+
+    onnxscript's rewrite rules keep the last graph they matched (``SimplePatternMatcher``
+    objects at module level), and onnx_ir's graph inputs keep a counter of every value that
+    ever was an input, the module's parameters among them (they start as inputs). Each such
+    value's ``const_value`` wraps a parameter: without this, a module handed to convert
+    (``Owned``) keeps its weights in memory after export, through every later stage.
+    """
+    values = set(graph.initializers.values())
+    values.update(getattr(graph.inputs, "_ref_counter", ()))  # onnx_ir internals, if present
+    for value in values:
+        value.const_value = None
 
 
 @dataclass
 class ExportedGraph:
-    model: onnx.ModelProto
+    model: onnx.ModelProto  # staged: its weights are external, in the export's directory
     sdpa_calls: int  # scaled_dot_product_attention calls captured (cond branches included)
     log: str
     renamed: dict[str, str]  # a value renamed to free an output name: old name -> new name

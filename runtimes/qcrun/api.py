@@ -419,7 +419,7 @@ def _open_source(path_or_bundle, *, verify: bool, trusted_keys=None,
             return [TensorInfo(s.name, s.dtype, tuple(s.shape)) for s in specs] or None
 
         return _Source(model.model, str(path), infos(manifest.inputs), infos(manifest.outputs),
-                       manifest.attention, manifest.opset, model.precision,
+                       model.attention, model.opset, model.precision,
                        ranges=_ranges(manifest.inputs))
     if path.suffix == ".onnx" or path.is_file():
         # A bare model: its form and precision are unknown, so every target is a candidate.

@@ -197,7 +197,7 @@ def verify(model_dir: Path, target_names, optional, golden_dir, policy_file, jso
         # asked for by name: not running there is not a pass, unless marked optional
         require=required_targets(names, optional),
         optional=optional,
-        attention_form=manifest.attention,
+        attention_form=model.attention,  # the graph's form (the manifest's was checked)
     )
     _finish_verify(report, json_path, junit_path)
 

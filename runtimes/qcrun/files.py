@@ -451,8 +451,10 @@ def _check_metadata(manifest: ModelManifest, graph: GraphSummary, where: str) ->
             raise _disagree(where, name, json.dumps(value), f"{text} in its metadata ({key})")
 
 
-def _check_axis_names(manifest: ModelManifest, graph: GraphSummary, where: str) -> None:
-    """Axis names the manifest sizes (TensorRT profiles, export sizes) must be the graph's."""
+def _check_names(manifest: ModelManifest, graph: GraphSummary, where: str) -> None:
+    """The names the manifest uses must be the graph's: axes it sizes (TensorRT profiles,
+    export sizes), outputs its export checks and output structure list, the values the
+    attention maps are read from."""
     symbolic = {d for v in graph.inputs for d in v.shape or () if isinstance(d, str)}
     for what, names in (("profile_shapes", manifest.profile_shapes or {}),
                          ("export_sizes", manifest.export_sizes or {})):
@@ -479,9 +481,20 @@ def _check_axis_names(manifest: ModelManifest, graph: GraphSummary, where: str) 
     listed = structure.get("outputs")
     if isinstance(listed, list):
         names = [o.get("name") if isinstance(o, dict) else o for o in listed]
-        actual = [v.name for v in graph.outputs]
-        if names != actual:
-            raise _disagree(where, "output_structure.outputs", names, f"outputs {actual}")
+        if names != list(outputs):
+            raise _disagree(where, "output_structure.outputs", names, f"outputs {list(outputs)}")
+    # the values `inspect` reads the attention maps and the visual tokens from
+    maps = manifest.attention_maps or {}
+    inputs = [v.name for v in graph.inputs]
+    named = [("attention_maps.visual_input", maps.get("visual_input"), inputs),
+             ("attention_maps.query_output", maps.get("query_output"), list(outputs))]
+    for i, entry in enumerate(maps.get("maps") or ()):
+        if isinstance(entry, dict):
+            named.append((f"attention_maps.maps[{i}].output", entry.get("output"),
+                          list(outputs)))
+    for what, name, values in named:
+        if name is not None and name not in values:
+            raise _disagree(where, what, repr(name), f"{', '.join(values)}")
 
 
 def check_against_graph(manifest: ModelManifest, graph: GraphSummary, *, where: str) -> None:
@@ -493,12 +506,19 @@ def check_against_graph(manifest: ModelManifest, graph: GraphSummary, *, where: 
     _check_values("inputs", manifest.inputs, graph.inputs, where)
     _check_values("outputs", manifest.outputs, graph.outputs, where)
     _check_dynamic_axes(manifest, graph, where)
+    for name, rows in sorted(graph.index_bounds().items()):
+        allowed = manifest.input(name).range
+        if allowed is None or allowed.min < 0 or allowed.max > rows - 1:
+            says = "no range" if allowed is None else f"range [{allowed.min}, {allowed.max}]"
+            raise _disagree(where, f"input {name!r}", says,
+                            f"it indexing a table of {rows} rows (valid values [0, {rows - 1}]: "
+                            "qcrun.load refuses others, where the Gather would wrap around)")
     if manifest.opset is not None and manifest.opset != graph.opset:
         raise _disagree(where, "opset", manifest.opset, f"opset import {graph.opset} "
                         "(ai.onnx)")
     _check_attention(manifest, graph, where)
     _check_metadata(manifest, graph, where)
-    _check_axis_names(manifest, graph, where)
+    _check_names(manifest, graph, where)
 
 
 def _check_sha(path: Path, expected: str, where: str, stage: str) -> None:

@@ -63,6 +63,19 @@ class GraphSummary:
     inputs: list[ValueSpec] = field(default_factory=list)  # initializers (IR < 4) left out
     outputs: list[ValueSpec] = field(default_factory=list)
     initializers: set[str] = field(default_factory=set)  # names, main graph
+    tables: dict[str, tuple[int, ...]] = field(default_factory=dict)  # initializer dims, all graphs
+    gathers: list[tuple[str, str, int]] = field(default_factory=list)  # (data, indices, axis)
+
+    def index_bounds(self) -> dict[str, int]:
+        """Rows of the smallest initializer table each graph input indexes with a Gather (an
+        embedding): its values must lie in [0, rows - 1], or the Gather wraps around."""
+        inputs = {v.name for v in self.inputs}
+        bounds: dict[str, int] = {}
+        for data, indices, axis in self.gathers:
+            dims = self.tables.get(data)
+            if indices in inputs and dims and -len(dims) <= axis < len(dims):
+                bounds[indices] = min(bounds.get(indices, dims[axis]), dims[axis])
+        return bounds
 
     @property
     def opset(self) -> int | None:
@@ -149,11 +162,20 @@ def _string_pair(buf, span) -> tuple[str, str]:
     return key, value
 
 
-def _tensor(buf, span, summary: GraphSummary) -> None:
-    data_type, external, location = 0, False, None
+def _tensor(buf, span, summary: GraphSummary, initializer: bool = False) -> str:
+    data_type, external, location, name, dims = 0, False, None, "", []
     for number, wire, v in _fields(buf, *span):
         if number == 2 and wire == 0:
             data_type = v
+        elif number == 1 and wire == 0:
+            dims.append(_signed(v))
+        elif number == 1 and wire == 2:  # packed dims
+            pos, end = v
+            while pos < end:
+                dim, pos = _varint(buf, pos, end)
+                dims.append(_signed(dim))
+        elif number == 8 and wire == 2:
+            name = _text(buf, v)
         elif number == 14 and wire == 0:
             external = v == 1
         elif number == 13 and wire == 2:
@@ -161,8 +183,11 @@ def _tensor(buf, span, summary: GraphSummary) -> None:
             if key == "location":
                 location = value
     summary.initializer_types[data_type] += 1
+    if initializer:
+        summary.tables[name] = tuple(dims)
     if external and location is not None:
         summary.external_files.add(location)
+    return name
 
 
 def _signed(value: int) -> int:
@@ -199,51 +224,55 @@ def _value_info(buf, span) -> ValueSpec:
     return ValueSpec(name, dtype, shape)
 
 
-def _initializer_name(buf, span) -> str:
-    return next((_text(buf, v) for n, w, v in _fields(buf, *span) if n == 8 and w == 2), "")
-
-
 def _graph(buf, span, summary: GraphSummary, depth: int) -> None:
     if depth > 32:
         raise _Truncated
-    inputs = []
     for number, wire, v in _fields(buf, *span):
         if wire != 2:
             continue
         if number == 1:  # node
             _node(buf, v, summary, depth)
         elif number == 5:  # initializer
-            _tensor(buf, v, summary)
+            name = _tensor(buf, v, summary, initializer=True)
             if depth == 0:
-                summary.initializers.add(_initializer_name(buf, v))
+                summary.initializers.add(name)
         elif number in (11, 12) and depth == 0:  # the main graph's inputs and outputs
-            (inputs if number == 11 else summary.outputs).append(_value_info(buf, v))
+            (summary.inputs if number == 11 else summary.outputs).append(_value_info(buf, v))
         elif number == 15:  # sparse_initializer: values (1) is a TensorProto
             for n, w, sv in _fields(buf, *v):
                 if n == 1 and w == 2:
                     _tensor(buf, sv, summary)
-    if depth == 0:
-        # Before IR 4 every initializer was also listed as an input; it is not one to feed.
-        summary.inputs = [i for i in inputs if i.name not in summary.initializers]
 
 
 def _node(buf, span, summary: GraphSummary, depth: int) -> None:
     op_type = domain = ""
+    inputs, axis = [], 0
     for number, wire, v in _fields(buf, *span):
         if wire != 2:
             continue
-        if number == 4:
+        if number == 1:
+            inputs.append(_text(buf, v))
+        elif number == 4:
             op_type = _text(buf, v)
         elif number == 7:
             domain = _text(buf, v)
         elif number == 5:  # attribute: a graph (6), graphs (11) or a tensor (5: Constant)
+            name, value = "", 0
             for n, w, av in _fields(buf, *v):
-                if w != 2:
+                if n == 1 and w == 2:
+                    name = _text(buf, av)
+                elif n == 3 and w == 0:  # i
+                    value = _signed(av)
+                elif w != 2:
                     continue
-                if n in (6, 11):
+                elif n in (6, 11):
                     _graph(buf, av, summary, depth + 1)
                 elif n == 5:
                     _tensor(buf, av, summary)
+            if name == "axis":
+                axis = value
+    if op_type == "Gather" and domain in ("", "ai.onnx") and len(inputs) >= 2:
+        summary.gathers.append((inputs[0], inputs[1], axis))
     summary.ops[op_type] += 1
     summary.domain_ops[("" if domain == "ai.onnx" else domain, op_type)] += 1
 
@@ -277,6 +306,10 @@ def read_summary(path: str | Path, *, stage: str = "model") -> GraphSummary:
                         summary.opsets["" if domain == "ai.onnx" else domain] = version
                 if not graphs:
                     raise _Truncated
+                # Protobuf merges a message field that occurs more than once (a writer may
+                # stream the graph in parts), so the graph is whole only here. Before IR 4
+                # every initializer was also listed as an input; it is not one to feed.
+                summary.inputs = [i for i in summary.inputs if i.name not in summary.initializers]
     except _Truncated:
         raise UserError(f"{path} is not a readable ONNX model (truncated or another format)",
                         stage=stage, hint="re-export it with `qcexport convert`") from None

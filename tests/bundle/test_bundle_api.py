@@ -16,6 +16,7 @@ from qcrun.bundle import BundleDamaged, open_bundle, pack_archive
 from qcrun.errors import UserError
 from qcrun.golden import load_golden
 from qcrun.parity import compare
+from qcrun.targets import availability
 
 CPU_TARGETS = ["ort-cpu", "openvino-cpu"]
 EXAMPLE_APP = Path(__file__).resolve().parents[2] / "scripts" / "example_app.py"
@@ -80,17 +81,29 @@ def test_four_threads_at_once_give_the_serial_outputs(ov_bundle, golden, target)
     assert not np.allclose(serial[0]["query_outputs"], serial[3]["query_outputs"])
 
 
-def test_auto_picks_openvino_cpu_here_and_says_why_not_the_others(jetson_bundle):
+def test_auto_picks_the_first_target_that_runs_here_and_says_why_others_not(jetson_bundle):
+    """Every target reads the decomposed opset-17 bundle, so the choice is the host's: the
+    first target of the auto order that runs here (openvino-cpu on a CPU-only machine, a GPU
+    target on a GPU host); each target before it says why it was skipped."""
+    order = ["jetson-orin", "ort-tensorrt", "ort-cuda", "openvino-gpu", "openvino-cpu",
+             "ort-cpu"]
+    here = {name: availability(name) for name in order}
+    expected = next(name for name in order if here[name][0])
     with qcrun.load(jetson_bundle.path) as model:
-        assert model.target == "openvino-cpu"
         states = {c.target: c for c in model.choices}
-        assert list(states) == ["jetson-orin", "ort-tensorrt", "ort-cuda", "openvino-gpu",
-                                "openvino-cpu", "ort-cpu"]
-        assert "TensorrtExecutionProvider" in states["jetson-orin"].reason
-        assert not states["ort-cuda"].usable and "CUDAExecutionProvider" in states[
-            "ort-cuda"].reason
-        assert states["openvino-cpu"].chosen
-        assert states["ort-cpu"].usable and not states["ort-cpu"].chosen
+        assert list(states) == order
+        assert model.target == expected and states[expected].chosen
+        for name, (ok, reason) in here.items():
+            assert states[name].usable == ok, (name, states[name])
+            assert states[name].reason == reason
+            assert states[name].chosen == (name == expected)
+        provider = {"jetson-orin": "TensorrtExecutionProvider",
+                    "ort-tensorrt": "TensorrtExecutionProvider",
+                    "ort-cuda": "CUDAExecutionProvider"}
+        for name, needed in provider.items():
+            if not here[name][0]:  # skipped: the reason names what is missing
+                assert needed in states[name].reason
+        assert states["ort-cpu"].usable  # onnxruntime CPU runs everywhere
 
 
 def test_auto_order_is_documented_and_honoured():
@@ -125,17 +138,27 @@ def test_auto_order_is_documented_and_honoured():
 
 
 def test_an_order_of_your_own(ov_bundle):
+    cuda = availability("ort-cuda")[0]
     with qcrun.load(ov_bundle.path, target=["ort-cuda", "ort-cpu", "openvino-cpu"]) as model:
-        assert model.target == "ort-cpu"
+        assert model.target == ("ort-cuda" if cuda else "ort-cpu")
         assert [c.target for c in model.choices] == ["ort-cuda", "ort-cpu", "openvino-cpu"]
 
 
 def test_a_target_this_device_lacks_says_why(ov_bundle):
+    ok, reason = availability("ort-cuda")
+    if ok:  # a CUDA host: the bundle really runs there, and matches its golden case
+        golden = load_golden(ov_bundle.path / "golden")
+        case = golden.cases[0]
+        with qcrun.load(ov_bundle.path, target="ort-cuda") as model:
+            assert model.target == "ort-cuda"
+            out = model(**case.inputs)["query_outputs"]
+        np.testing.assert_allclose(out, case.outputs["query_outputs"], atol=1e-3)
+        return
     with pytest.raises(qcrun.UserError) as info:
         qcrun.load(ov_bundle.path, target="ort-cuda")
     text = str(info.value)
-    assert "target ort-cuda cannot run" in text
-    assert "has no CUDAExecutionProvider" in text and "onnxruntime-gpu" in text
+    assert "target ort-cuda cannot run" in text and reason in text
+    assert "CUDAExecutionProvider" in reason and "onnxruntime" in reason  # what is missing
 
 
 def test_a_target_that_cannot_read_the_bundle(ov_bundle):

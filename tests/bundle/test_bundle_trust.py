@@ -412,3 +412,51 @@ def test_a_host_policy_file_judges_on_the_device_only_when_signed(tmp_path, qfor
                   report).exit_code == 0
     assert all(r["tolerance"]["max_abs"] == 2e-4 for r in json.loads(report.read_text())[
         "records"])
+
+
+# --- who decides the tolerance: --policy FILE > signed host policy > qcrun's built-in ----------
+
+
+def test_policy_precedence_on_a_slightly_wrong_model(tmp_path, qformer_dir, keys):
+    """A model whose weights are 1% off, bundled and signed with a loose host policy: qcrun's
+    built-in fp32 policy fails it; the host's loose policy passes it only when the signature
+    is checked with --trust; a --policy file the device's user names wins over both."""
+    wrong = Path(shutil.copytree(qformer_dir, tmp_path / "wrong"))
+    scale_weights(wrong / "model.onnx", 1.01)
+    manifest = json.loads((wrong / "manifest.json").read_text())
+    manifest["model_sha256"] = hashlib.sha256((wrong / "model.onnx").read_bytes()).hexdigest()
+    (wrong / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    loose, strict = tmp_path / "loose.json", tmp_path / "strict.json"
+    loose.write_text(json.dumps({"format": 1, "use_target_profiles": False, "defaults": {
+        "fp32": {"max_abs": 0.5, "max_rel": None, "min_cosine": 0.99}}}))
+    strict.write_text(json.dumps({"format": 1, "defaults": {"fp32": {"max_abs": 1e-4}}}))
+    bundle = make_bundle(wrong, "ort-cpu", output=tmp_path / "wrong.bundle", cases=2,
+                         host_targets=["ort-cpu"], sign=keys[0], policy_file=loose).path
+
+    def verify(*extra):
+        return invoke(qcrun_main, "verify", bundle, "--target", "ort-cpu", *extra)
+
+    # built-in: the 1% error is far outside fp32's 1e-4
+    result = verify()
+    clean_error(result, "verify", "parity failed on ort-cpu", fix=False)
+    assert "policy: qcrun's built-in tolerances for fp32" in result.stdout
+    assert "0 passed, 2 failed" in result.stdout
+    # the user's loose file, with or without a signature check
+    result = verify("--policy", loose)
+    assert result.exit_code == 0, result.output
+    assert f"policy: {loose} (--policy)" in result.stdout and "2 passed, 0 failed" in result.stdout
+    # the host's loose policy, recorded in the bundle, judges once the signature is trusted
+    result = verify("--trust", keys[1])
+    assert result.exit_code == 0, result.output
+    assert "policy: the host's tolerances recorded in the bundle" in result.stdout
+    # ...but a --policy file the device's user names wins over the signed host policy
+    result = verify("--trust", keys[1], "--policy", strict)
+    clean_error(result, "verify", "parity failed on ort-cpu", fix=False)
+    assert f"policy: {strict} (--policy)" in result.stdout
+    # qcrun.load judges nothing itself; its bundle reports the same policy as verify would
+    with qcrun.load(bundle, target="ort-cpu") as model:
+        assert model.bundle.policy == TolerancePolicy()
+        assert model.bundle.judging_policy(loose).resolve("fp32", "ort-cpu").max_abs == 0.5
+    with qcrun.load(bundle, target="ort-cpu", trusted_keys=[keys[1]]) as model:
+        assert model.bundle.policy.resolve("fp32", "ort-cpu").max_abs == 0.5
+        assert model.bundle.judging_policy(strict).resolve("fp32", "ort-cpu").max_abs == 1e-4

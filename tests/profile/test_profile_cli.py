@@ -55,12 +55,24 @@ def test_runs_zero_or_negative_is_a_clean_error(toy_dir):
         assert "Traceback" not in result.output
 
 
-def test_sweep_on_a_static_axis_names_it(static_dir):
+def test_sweep_on_a_static_axis_names_it(static_dir, lib, tmp_path):
+    # a manifest whose dynamic_axes calls an axis dynamic that the graph fixed does not
+    # describe its model: refused before anything runs, naming the axis and the fixed size
     result = qcrun("profile", static_dir, "--target", "ort-cpu", "--tokens", "257", *FAST)
     assert result.exit_code == 1
-    assert "input 'visual' axis 2 ('tokens') is static (5)" in result.output
+    assert result.output.startswith("error: manifest: ")
+    assert ("dynamic_axes['visual']['2'] says 'tokens', but the graph has fixed size 5 there"
+            in result.output)
     assert "Traceback" not in result.output
-    ok = qcrun("profile", static_dir, "--target", "ort-cpu", "--tokens", "5", *FAST)
+    # the manifest that describes the graph: a sweep of the fixed axis names the axes it has
+    honest = lib.write_model_dir(tmp_path / "honest", lib.attention_graph_model(tokens=5),
+                                 dynamic_axes={"queries": {"0": "batch"},
+                                               "visual": {"0": "batch"}})
+    result = qcrun("profile", honest, "--target", "ort-cpu", "--tokens", "257", *FAST)
+    assert result.exit_code == 1
+    assert "no input has an axis named 'tokens' (the model's symbolic axes: batch)" in (
+        result.output)
+    ok = qcrun("profile", honest, "--target", "ort-cpu", "--batch", "1,2", *FAST)
     assert ok.exit_code == 0, ok.output
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -10,6 +11,7 @@ import pytest
 from qcrun.latency import sweep_points, synthetic_feed
 from qcrun.profile import ProfileReport, profile_model
 from qcrun.report_html import render_html
+from qcrun.targets import availability
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -70,7 +72,18 @@ def test_html_opens_offline_and_escapes(report):
     without_namespace = page.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "http://" not in without_namespace and "https://" not in without_namespace
     assert "<script" not in page and "<link" not in page and "@import" not in page
-    assert "ort-tensorrt skipped:" in page  # skipped targets are shown with the reason
+    # ort-tensorrt is skipped with the reason where TensorRT is absent; where it is present it
+    # is profiled (its plots are on the page) or, if TensorRT cannot build this opset-23
+    # Attention graph, reported as failed with the engine's reason, never as skipped
+    ok, reason = availability("ort-tensorrt")
+    trt = report.target("ort-tensorrt")
+    assert (trt.status == "skipped") != ok
+    assert ("ort-tensorrt skipped:" in page) != ok
+    assert ('data-plot="ops-ort-tensorrt"' in page) == (trt.status == "ok")
+    if not ok:
+        assert trt.reason == reason and html.escape(reason) in page
+    elif trt.status == "failed":
+        assert html.escape(trt.reason) in page
     # the JSON source of truth rides along, escaped
     assert "&quot;kind&quot;: &quot;qcrun.profile&quot;" in page
 

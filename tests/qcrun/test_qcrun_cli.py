@@ -153,7 +153,8 @@ def test_model_dir_problems(tmp_path, linear, lib):
     assert result.exit_code == 1 and "precision: required key is missing" in result.stderr
 
 
-def test_manifest_tolerances_never_decide_but_a_policy_file_does(tmp_path, linear, lib):
+def test_manifest_tolerances_never_decide_but_a_policy_file_does(tmp_path, linear, attention,
+                                                                 lib):
     # the perturbed model fails qcrun's fp32 policy; tolerances in its own manifest (the
     # artifact under test) are not read, a policy file the user names is
     loose = {"defaults": {"fp32": {"max_abs": 0.05, "min_cosine": 0.999}}}
@@ -164,7 +165,11 @@ def test_manifest_tolerances_never_decide_but_a_policy_file_does(tmp_path, linea
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"format": 1, **loose}))
     assert invoke("verify", directory, "--target", "ort-cpu", "--policy", policy).exit_code == 0
-    result = invoke("verify", directory, "--target", "jetson-orin", "--policy", policy)
+    # the attention form is the graph's: one with an opset-23 Attention node is refused by a
+    # target that reads only the decomposed form, on any host
+    fused = lib.write_model_dir(tmp_path / "a", attention.model, attention.golden,
+                                mechanism="cross-attention", attention="onnx")
+    result = invoke("verify", fused, "--target", "jetson-orin", "--policy", policy)
     assert result.exit_code == 1
     assert "uses attention form 'onnx', which jetson-orin cannot run" in result.stdout
 
