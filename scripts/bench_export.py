@@ -2,8 +2,11 @@
 """Benchmark `qcexport convert` per mechanism: wall time, peak memory, stage times, model size.
 
 Every mechanism is converted in a fresh Python process, so that the peak resident memory is that
-conversion's alone (the child reports its own ``ru_maxrss``) and nothing one conversion
-imported, compiled or cached helps the next. The child's wall time covers ``convert_mechanism``
+conversion's alone and nothing one conversion imported, compiled or cached helps the next.
+"peak RSS" is the child's whole-process high-water mark (VmHWM, imports included): on Linux the
+mark is read and reset after every stage (``/proc/self/clear_refs``), which gives each stage's
+own peak ("stage peaks MiB", the largest marked), and the overall peak is the largest of them;
+elsewhere it is ``ru_maxrss`` and there are no stage peaks. "x model" is peak RSS / model size. The child's wall time covers ``convert_mechanism``
 only (export, simplify, lower, check, verify, save), not the interpreter start and imports; the
 stage columns come from the pipeline's own ``on_stage`` timings. "base RSS" is the child's
 resident memory after its imports, before converting: the rest of "peak RSS" is the conversion.
@@ -40,6 +43,26 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _hwm_mib() -> float | None:
+    """This process's resident high-water mark since the last reset (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset the high-water mark to the current RSS (Linux; also resets ru_maxrss)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _hwm_mib() is not None
+
+
 def child(args: argparse.Namespace) -> int:
     from qcrun.errors import UserError
 
@@ -47,22 +70,37 @@ def child(args: argparse.Namespace) -> int:
     from qcexport.export import convert_mechanism
 
     base_rss = _rss_mib()
+    per_stage = _reset_hwm()
     stages: dict[str, float] = {}
+    stage_peaks: dict[str, float] = {}
+
+    def on_stage(name: str, seconds: float, _detail: str) -> None:
+        stages[name] = seconds
+        if per_stage:  # a stage reported twice (eager) keeps its larger peak
+            stage_peaks[name] = max(stage_peaks.get(name, 0.0), _hwm_mib())
+            _reset_hwm()
+
+    def peak() -> float:
+        if not per_stage:
+            return _rss_mib()
+        return max(base_rss, _hwm_mib(), *stage_peaks.values())
+
     record: dict = {"mechanism": args.child, "base_rss_mib": base_rss}
     start = time.perf_counter()
     try:
         result = convert_mechanism(
             args.child, args.preset, target=args.target, attention=args.attention,
             output_dir=Path(args.output_dir) / f"{args.child}-{args.preset}",
-            on_stage=lambda name, seconds, _detail: stages.__setitem__(name, seconds),
+            on_stage=on_stage,
         )
     except UserError as exc:
         record.update(error=str(exc), wall_s=time.perf_counter() - start, stages_s=stages,
-                      peak_rss_mib=_rss_mib())
+                      peak_rss_mib=peak(), stage_peak_rss_mib=stage_peaks)
         Path(args.result_file).write_text(json.dumps(record))
         return 1
     record["wall_s"] = time.perf_counter() - start
-    record["peak_rss_mib"] = _rss_mib()
+    record["peak_rss_mib"] = peak()
+    record["stage_peak_rss_mib"] = stage_peaks
     files = [result.path.parent / name for name in result.manifest["files"]]
     record.update(
         parameters=mechanisms.describe(args.child)["presets"][args.preset]["parameters"],
@@ -141,7 +179,7 @@ def _cell(value, fmt: str) -> str:
 
 def table(records: list[dict]) -> str:
     stages = [s for s in STAGES if any(s in r.get("stages_s", {}) for r in records)]
-    header = ["mechanism", "params", "wall s", "peak RSS MiB", "base RSS MiB",
+    header = ["mechanism", "params", "wall s", "peak RSS MiB", "base RSS MiB", "x model",
               *[f"{s} s" for s in stages], "model MB", "fused", "max abs"]
     rows = []
     for r in records:
@@ -156,6 +194,7 @@ def table(records: list[dict]) -> str:
             _cell(r["wall_s"], ".1f"),
             _cell(r["peak_rss_mib"], ".0f"),
             _cell(r["base_rss_mib"], ".0f"),
+            f"{r['peak_rss_mib'] * 2**20 / r['model_bytes']:.2f}",
             *[_cell(r["stages_s"].get(s), ".2f") for s in stages],
             f"{r['model_bytes'] / 1e6:.1f}",
             fused,
@@ -171,6 +210,14 @@ def table(records: list[dict]) -> str:
     out = [line(header), line(["-" * w for w in widths])]
     out += [line(row) if len(row) == len(header) else f"{row[0].ljust(widths[0])}  {row[1]}"
             for row in rows]
+    peaks = [r for r in records if r.get("stage_peak_rss_mib")]
+    if peaks:
+        out += ["", "stage peaks MiB (whole process, imports included; the largest marked *):"]
+        for r in peaks:
+            top = max(r["stage_peak_rss_mib"], key=r["stage_peak_rss_mib"].get)
+            out.append(f"  {r['mechanism']}: " + ", ".join(
+                f"{s} {v:.0f}{'*' if s == top else ''}"
+                for s, v in r["stage_peak_rss_mib"].items()))
     return "\n".join(out)
 
 

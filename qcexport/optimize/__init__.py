@@ -2,17 +2,17 @@
 
     quantize_model_dir(fp32_dir, "int8-static", out_dir, calibration_cases=16)
 
-The fp32 model is never modified. The new directory holds ``model.onnx`` and a manifest that
-records the precision, the quantizer settings, where the calibration data came from (source,
-count, hash) and the accuracy loss of every output against the fp32 model. A model whose loss
-exceeds the precision's policy is not written.
+The fp32 model is never modified; its external data, if any, is read in place. The new
+directory holds ``model.onnx`` (with its own external data file when it is large) and a
+manifest that records the precision, the quantizer settings, where the calibration data came
+from (source, count, hash) and the accuracy loss of every output against the fp32 model. A
+model whose loss exceeds the precision's policy is not written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import tempfile
 import time
 from collections.abc import Sequence
@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 from qcrun.errors import UserError
-from qcrun.files import manifest_json, read_model_dir
+from qcrun.files import read_model_dir
 from qcrun.golden import file_sha256
 from qcrun.schema import dump
 from qcrun.targets import get_target
 
 from qcexport.export.pipeline import MANIFEST_FILE, MODEL_FILE
-from qcexport.export.save import prepare_output_dir, replace_pair, write_file
+from qcexport.export.save import prepare_output_dir, save_model_and_manifest
 from qcexport.optimize.precision import (
     CALIBRATION_METHODS,
     PRECISIONS,
@@ -177,18 +178,12 @@ def _quantize_model_dir(
         }
         out_manifest.pop("files", None)
         out_manifest.pop("files_sha256", None)
-        model_bytes = staged.read_bytes()
-    out_manifest["model_sha256"] = hashlib.sha256(model_bytes).hexdigest()
-    out_manifest["files"] = [MODEL_FILE]
-    out_manifest["model"] = MODEL_FILE
-
-    def write(new: Path) -> list[str]:
-        write_file(new / MODEL_FILE, model_bytes)
-        write_file(new / MANIFEST_FILE, manifest_json(out_manifest).encode())
-        return [MODEL_FILE, MANIFEST_FILE]
-
-    # one unit: an fp16 model never sits under an int8 manifest, whatever fails
-    replace_pair(out_dir, write, manifest=MANIFEST_FILE, model=MODEL_FILE)
+        out_manifest["model"] = MODEL_FILE
+        # one unit: an fp16 model never sits under an int8 manifest, whatever fails; a large
+        # model goes with its external data file, hashed in the manifest
+        reduced = onnx.load(staged)
+        save_model_and_manifest(reduced, out_dir / MODEL_FILE, out_dir / MANIFEST_FILE,
+                                out_manifest)
     return QuantizeResult(out_dir / MODEL_FILE, out_manifest, loss, time.perf_counter() - start)
 
 

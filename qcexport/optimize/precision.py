@@ -37,7 +37,8 @@ import onnx
 from qcrun.errors import UserError, unknown_choice
 from qcrun.parity import TolerancePolicy, compare
 
-from qcexport.export.lowering import count_ops, iter_graphs
+from qcexport.export import save
+from qcexport.export.lowering import check_model, count_ops, iter_graphs
 
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -233,12 +234,14 @@ class QuantizeSettings:
         return {k: v for k, v in asdict(self).items() if v not in (None, [], "")}
 
 
-def quantize_dynamic_int8(src: Path, dst: Path, exclude: Sequence[str]) -> QuantizeSettings:
+def quantize_dynamic_int8(src: Path, dst: Path, exclude: Sequence[str],
+                          external: bool = False) -> QuantizeSettings:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     vnni = has_vnni()
     quantize_dynamic(
         src, dst,
+        use_external_data_format=external,
         op_types_to_quantize=list(QUANTIZED_OPS),
         weight_type=QuantType.QInt8,
         reduce_range=not vnni,
@@ -253,7 +256,8 @@ def quantize_dynamic_int8(src: Path, dst: Path, exclude: Sequence[str]) -> Quant
 
 
 def quantize_static_int8(src: Path, dst: Path, calibration: Calibration, method: str,
-                         exclude: Sequence[str], max_intermediate_outputs: int = 8) -> QuantizeSettings:
+                         exclude: Sequence[str], max_intermediate_outputs: int = 8,
+                         external: bool = False) -> QuantizeSettings:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -296,6 +300,7 @@ def quantize_static_int8(src: Path, dst: Path, calibration: Calibration, method:
     with tempfile.TemporaryDirectory(prefix="qcexport-calib-") as tmp:
         quantize_static(
             src, dst, Reader(),
+            use_external_data_format=external,
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS),
             per_channel=True,
@@ -319,7 +324,7 @@ def convert_fp16(model: onnx.ModelProto, exclude: Sequence[str]) -> tuple[onnx.M
                                             node_block_list=list(exclude) or None)
     for graph in iter_graphs(half.graph):
         topological_sort(graph)
-    onnx.checker.check_model(half)
+    check_model(half)
     return half, QuantizeSettings("fp16", excluded_nodes=list(exclude),
                                   reason="weights and activations fp16; inputs and outputs fp32")
 
@@ -407,8 +412,10 @@ def load_checked(path: Path, *, stage: str) -> onnx.ModelProto:
     from google.protobuf.message import DecodeError
 
     try:
+        # from the file: the checker also proves the external data files are there, and a
+        # model over the protobuf limit is never serialised whole
+        onnx.checker.check_model(str(path))
         model = onnx.load(path)
-        onnx.checker.check_model(model)
     except (DecodeError, OSError, ValueError, onnx.checker.ValidationError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {first})",
@@ -424,7 +431,8 @@ def quantize_file(
     exclude_nodes: Sequence[str] = (),
     exclude_modules: Sequence[str] = (),
 ) -> QuantizeSettings:
-    """Write the ``precision`` version of the fp32 model at ``src`` to ``dst``."""
+    """Write the ``precision`` version of the fp32 model at ``src`` to ``dst``; its external
+    data (``src``'s is read in place) is written beside ``dst`` when it is large."""
     if precision not in PRECISIONS or precision == "fp32":
         raise unknown_choice("precision", precision, PRECISIONS[1:], flag="--precision")
     model = load_checked(src, stage="quantize")
@@ -441,26 +449,41 @@ def quantize_file(
     if precision == "int8-static" and (calibration is None or not calibration.feeds):
         raise UserError("int8-static needs calibration data", stage="calibrate",
                         hint="pass --calibration FILE.npz or --calibration-cases N")
-    with _quiet_quantizer():
-        if precision == "int8-dynamic":
-            settings = quantize_dynamic_int8(src, dst, quantizer_names)
-        elif precision == "int8-static":
-            settings = quantize_static_int8(src, dst, calibration, method, quantizer_names)
-        else:
-            half, settings = convert_fp16(model, exclude)
-            onnx.save(half, dst)
+    # ORT's quantizers serialise their result whole unless told to write external data
+    external = save.is_large(model)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".qcexport-quantize-") as tmp:
+        work = Path(tmp) / dst.name  # the quantizer's own files (data included) stay in here
+        with _quiet_quantizer():
+            if precision == "int8-dynamic":
+                settings = quantize_dynamic_int8(src, work, quantizer_names, external)
+            elif precision == "int8-static":
+                settings = quantize_static_int8(src, work, calibration, method, quantizer_names,
+                                                external=external)
+            else:
+                half, settings = convert_fp16(model, exclude)
+                _write_work(half, work)
+                del half
+        del model
+        reduced = onnx.load(work)
     settings.excluded_nodes = list(exclude)
-    reduced = onnx.load(dst)
     guard_qattention(reduced)
     # The quantizers can leave an If before the producer of a value its branch reads (ORT
     # sorts on load; onnx's reference evaluator and the checker do not).
     for graph in iter_graphs(reduced.graph):
         topological_sort(graph)
-    onnx.checker.check_model(reduced)
-    onnx.save(reduced, dst)
+    check_model(reduced)
+    _write_work(reduced, dst)
     if precision != "fp16":
         settings.counts = matmul_counts(reduced)
     return settings
+
+
+def _write_work(model: onnx.ModelProto, path: Path) -> None:
+    """A working file of the quantizer (the output directory is written from it later):
+    plain, with its weights in ``<name>.data`` beside it when they are large."""
+    large = save.is_large(model)
+    onnx.save_model(model, path, save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data")
 
 
 @contextlib.contextmanager

@@ -48,6 +48,13 @@ main()
 
 
 @pytest.fixture(scope="session")
+def maker():
+    """scripts/make_tiny_hf.py as a module (tests must not import conftest by name: with
+    several test folders, `conftest` is whichever one was imported first)."""
+    return MAKER
+
+
+@pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> dict[str, Path]:
     """{component name: the save_pretrained directory that holds it}."""
     root = tmp_path_factory.mktemp("tiny-hf")

@@ -71,12 +71,10 @@ def test_full_chain(component, outputs, tiny_hf, tmp_path, qcrun_device):
         np.testing.assert_allclose(got[name], case.outputs[name], atol=1e-4)
 
 
-def test_golden_of_another_model_is_refused(converted, tiny_hf, tmp_path):
+def test_golden_of_another_model_is_refused(converted, maker, tmp_path):
     """Same architecture, other weights (another seed): parity and bundle refuse the pairing
     instead of comparing outputs that were never this model's."""
-    from conftest import MAKER
-
-    other = MAKER.make("blip2", tmp_path / "blip2-seed1", seed=1)
+    other = maker.make("blip2", tmp_path / "blip2-seed1", seed=1)
     golden = tmp_path / "golden-other"
     assert cli("golden", "--hf", other, "--component", "qformer", "-o", golden).exit_code == 0
     c = converted("qformer")
