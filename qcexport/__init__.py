@@ -262,9 +262,8 @@ def profile(
     ``profile_model`` (``warmup``, ``op_runs``, ``gemm_sizes``, ``threads``, ...). Use
     ``report.to_json()`` / ``to_markdown()`` to save it.
     """
-    from qcrun.cli import _synthetic_feeds
     from qcrun.files import read_model_dir
-    from qcrun.latency import check_sweep, plan_sweep, sweep_points
+    from qcrun.latency import check_sweep, plan_sweep, sweep_points, synthetic_feeds
     from qcrun.profile import profile_model
 
     from qcexport.commands.profile import spec_feeds
@@ -274,7 +273,7 @@ def profile(
     sweep = plan_sweep(manifest.input_specs(), batch=list(batch), tokens=list(tokens),
                        axes=list(axes))
     check_sweep(manifest.input_specs(), sweep, manifest.dynamic_axes)
-    feeds = spec_feeds(manifest) or _synthetic_feeds(model)
+    feeds = spec_feeds(manifest) or synthetic_feeds(model)
     names = [targets] if isinstance(targets, str) else list(targets)
     info = {k: getattr(manifest, k) for k in ("mechanism", "preset", "precision", "attention",
                                               "opset", "target")

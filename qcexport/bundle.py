@@ -94,7 +94,7 @@ class BundleResult:
 # --- options ---------------------------------------------------------------------------------
 
 
-def parse_profile(items: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+def parse_shape_ranges(items: Sequence[str]) -> dict[str, tuple[int, int, int]]:
     """``["tokens=1:257:1025", "batch=1:1:8"]`` -> {axis: (min, opt, max)}."""
     ranges = {}
     for item in items:
@@ -247,7 +247,7 @@ def make_bundle(
             _copy_model(model, staging)
             subset = stage("subset", _golden_subset, gset, cases, staging / fmt.GOLDEN_DIR,
                            detail=lambda g: ", ".join(c.name for c in g.cases))
-            ranges = stage("profile", _profile_ranges, model_manifest, subset, t,
+            ranges = stage("profile", _shape_ranges, model_manifest, subset, t,
                            profile_shapes or {},
                            detail=lambda r: ", ".join(f"{a}={'/'.join(map(str, v))}"
                                                       for a, v in r.items()))
@@ -469,8 +469,8 @@ def _golden_subset(gset: GoldenSet, cases, out: Path) -> GoldenSet:
     return load_golden(out, mechanism=gset.mechanism, preset=gset.preset)
 
 
-def _profile_ranges(manifest, subset: GoldenSet, target: Target, widen
-                    ) -> dict[str, tuple[int, int, int]]:
+def _shape_ranges(manifest, subset: GoldenSet, target: Target, widen
+                  ) -> dict[str, tuple[int, int, int]]:
     """min/opt/max per symbolic axis: the golden cases' sizes, replaced per axis by ``widen``;
     every golden case must stay inside (the device runs them on TensorRT too)."""
     shapes = {s["name"]: list(s["shape"]) for s in manifest["inputs"]}

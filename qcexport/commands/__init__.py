@@ -1,1 +1,1 @@
-"""Subcommands of the qcexport CLI that live in their own modules."""
+"""The ``qcexport`` subcommands, one module each; ``qcexport.cli`` registers them on its group."""

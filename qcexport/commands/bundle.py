@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 from qcrun import signing
+from qcrun.clikit import (
+    golden_option,
+    json_flag_option,
+    output_option,
+    policy_option,
+    targets_option,
+)
 from qcrun.errors import UserError
+from qcrun.parity import name_list
 from qcrun.targets import get_target, target_names
 
 
@@ -18,30 +26,28 @@ from qcrun.targets import get_target, target_names
 @click.option("--precision", default=None,
               help="fp32, fp16, int8-dynamic or int8-static [default: the model's]; another "
               "precision than the model's exports and quantizes it again.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Bundle to write, e.g. qformer.bundle [default: MODEL_DIR-TARGET.bundle].")
+@output_option("Bundle to write, e.g. qformer.bundle [default: MODEL_DIR-TARGET.bundle].")
 @click.option("--archive", is_flag=True,
               help="Write one NAME.bundle.tar.gz instead of a directory.")
-@click.option("--golden", "golden_path", type=click.Path(path_type=Path, file_okay=False),
-              help="Golden set to take the cases from [default: the built-in one].")
+@golden_option("Golden set to take the cases from [default: the built-in one].",
+               dest="golden_path")
 @click.option("--cases", default=None,
               help="Golden cases to carry: comma-separated names, or N for the first N "
               "[default: all].")
-@click.option("--profile", "profiles", multiple=True, metavar="AXIS=MIN:OPT:MAX",
+@click.option("--profile", "shape_ranges", multiple=True, metavar="AXIS=MIN:OPT:MAX",
               help="TensorRT shape range of a dynamic axis (repeatable), e.g. "
               "tokens=1:257:1025 [default: the golden cases' sizes].")
-@click.option("--host-targets", default=None,
-              help="Comma-separated targets for the host parity run [default: every target "
-              "here that can run the bundle, but onnx-reference].")
+@targets_option("Targets for the host parity run (repeatable, or comma-separated) "
+                "[default: every target here that can run the bundle, but onnx-reference].",
+                flag="--host-target", dest="host_targets")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path, dir_okay=False),
               metavar="KEY",
               help="Sign bundle.json with this Ed25519 private key (PEM, from `qcexport keygen`): "
               "writes bundle.sig; a device checks it with `qcrun verify --trust KEY.pub`.")
-@click.option("--policy", "policy_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Tolerance policy file for the host parity run, recorded in the bundle "
-              "[default: qcrun's built-in policy for the precision].")
-@click.option("--json", "as_json", is_flag=True, help="Print the bundle manifest as JSON only.")
-def bundle(model_dir: Path, target, precision, output, archive, golden_path, cases, profiles,
+@policy_option("Tolerance policy file for the host parity run, recorded in the bundle "
+               "[default: qcrun's built-in policy for the precision].")
+@json_flag_option("Print the bundle manifest as JSON only.")
+def bundle(model_dir: Path, target, precision, output, archive, golden_path, cases, shape_ranges,
            host_targets, sign_key, policy_file, as_json):
     """Bundle MODEL_DIR for --target: model, golden subset, tolerances, specs, provenance.
 
@@ -52,11 +58,11 @@ def bundle(model_dir: Path, target, precision, output, archive, golden_path, cas
     `qcrun verify NAME.bundle --trust KEY.pub`). An existing -o is replaced only when it is a
     bundle this tool wrote, unchanged.
     """
-    from qcexport.bundle import make_bundle, parse_profile
+    from qcexport.bundle import make_bundle, parse_shape_ranges
 
     chosen = _parse_cases(cases)
-    ranges = parse_profile(profiles)
-    hosts = [t.strip() for t in host_targets.split(",") if t.strip()] if host_targets else None
+    ranges = parse_shape_ranges(shape_ranges)
+    hosts = name_list(host_targets) or None
 
     def progress(stage: str, seconds: float, detail: str) -> None:
         if not as_json:
@@ -110,27 +116,3 @@ def _parse_cases(text: str | None):
 def _public_key_hint(private_key: Path) -> str:
     public = private_key.with_suffix(".pub")
     return str(public) if public.is_file() else "PUBKEY.pub"
-
-
-@click.command("keygen")
-@click.option("-o", "--output", "directory", type=click.Path(path_type=Path, file_okay=False),
-              required=True, help="Directory to write NAME.key (private) and NAME.pub into.")
-@click.option("--name", default="qcexport-signing", show_default=True,
-              help="File name of the key pair, without suffix.")
-def keygen(directory: Path, name: str):
-    """Make an Ed25519 key pair for signing bundles (`qcexport bundle --sign DIR/NAME.key`).
-
-    The private key (mode 600) stays on the host; copy NAME.pub to the devices, which trust
-    it with `qcrun verify BUNDLE --trust NAME.pub` or `qcrun.load(..., trusted_keys=[...])`.
-    Existing files are never overwritten. The same with openssl: `openssl genpkey -algorithm
-    ed25519 -out NAME.key && openssl pkey -in NAME.key -pubout -out NAME.pub`.
-    """
-    if not name or "/" in name or name.startswith("."):
-        raise UserError(f"--name {name!r} is not a plain file name", stage="keygen",
-                        hint="e.g. --name release-2026")
-    private, public = signing.generate_keypair(directory, name)
-    key = signing.load_public_key(public)
-    click.echo(f"private key  {private}  (keep it on the host; mode 600)")
-    click.echo(f"public key   {public}  (key id {signing.short_id(signing.key_id(key))})")
-    click.echo(f"sign:    qcexport bundle MODEL_DIR --target T --sign {private}")
-    click.echo(f"verify:  qcrun verify NAME.bundle --trust {public}")

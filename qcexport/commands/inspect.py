@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+from qcrun.clikit import json_flag_option, output_option
 from qcrun.diagnostics import DEFAULT_THRESHOLD, format_summary
 
 HEAD_CHOICES = ("mean", "each")
@@ -35,9 +36,9 @@ HEAD_CHOICES = ("mean", "each")
               help="Row of the batch to analyse and draw.")
 @click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
               help="Cosine at or above which two queries are near-duplicates.")
-@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False),
-              required=True, help="Output directory: index.html, metrics.json, img/.")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON only.")
+@output_option("Output directory: index.html, metrics.json, img/.", file_okay=False,
+               required=True)
+@json_flag_option("Print the metrics as JSON only.")
 def inspect(model, preset, cases, image, features, texts, grid, heads, target, sample,
             threshold, output, as_json):
     """Render what the queries of MODEL attend to, and how specialised they are.

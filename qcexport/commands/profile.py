@@ -13,11 +13,11 @@ from pathlib import Path
 
 import click
 import numpy as np
-from qcrun.cli import execute_profile, profile_options
+from qcrun.clikit import execute_profile, profile_options, targets_option
 from qcrun.errors import UserError
 
 
-def _read_manifest(model_dir: Path):
+def _read_model_dir(model_dir: Path):
     """The checked model directory (``qcrun.files.ModelDir``): hashes, paths, precision."""
     from qcrun.files import read_model_dir
 
@@ -73,10 +73,10 @@ def spec_feeds(manifest):
 
 @click.command("profile")
 @click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--targets", "target_names", default="ort-cpu", show_default=True,
-              help="Comma-separated targets; an unavailable one is skipped with the reason.")
+@targets_option("Targets (repeatable, or comma-separated); an unavailable one is skipped "
+                "with the reason.", default=("ort-cpu",), show_default=True)
 @profile_options
-def profile(model_dir: Path, target_names: str, **settings):
+def profile(model_dir: Path, target_names, **settings):
     """Latency profile of an exported model: p50/p90/p99, per-op time, memory, FLOP/s.
 
     MODEL_DIR is the output of `qcexport convert`. For each target: session creation timed on
@@ -87,18 +87,18 @@ def profile(model_dir: Path, target_names: str, **settings):
     MODEL_DIR/profile.html).
 
     \b
-    qcexport profile out/qformer-base --targets ort-cpu,openvino-cpu --tokens 257,1025,4097 \\
+    qcexport profile out/qformer-base --target ort-cpu,openvino-cpu --tokens 257,1025,4097 \\
         --json profile.json --html profile.html
     """
     from qcexport.export.save import write_bytes_atomic
 
-    model = _read_manifest(model_dir)
+    model = _read_model_dir(model_dir)
     if not any(settings[k] for k in ("json_path", "markdown_path", "html_path")):
         settings["json_path"] = model_dir / "profile.json"
         settings["html_path"] = model_dir / "profile.html"
     execute_profile(
         model,
-        [target_names],
+        target_names,
         settings,
         feeds=spec_feeds(model.manifest),
         write=lambda path, text: write_bytes_atomic(path, text.encode()),

@@ -133,11 +133,9 @@ def _inspect_model_dir(path: Path, *, target, cases, picture, image, features, t
 def _feeds(spec, config, descriptor, cases, picture, features, texts, grid):
     """The feeds to run, and the grid to draw them on."""
     if picture is None and features is None and not texts:
-        # routing compares tasks: every case; a sweep (Matryoshka m) starts from the case that
-        # shows every query
+        # a sweep (of a query count, say) starts from the case that shows every query
         feeds = inputs_mod.golden_case_feeds(
-            spec, config, cases, default_all=bool(descriptor.get("routing") or
-                                                  descriptor.get("sweep")))
+            spec, config, cases, default_all=spec.inspect_all_cases or bool(descriptor.get("sweep")))
         if descriptor.get("sweep") and not cases:
             feeds = sweep_base_first(descriptor, feeds)[:1]
         return feeds, grid

@@ -5,15 +5,14 @@ feeds real encoder features. With only ``--image``, the features are a stand-in 
 the pixels: the image is cut into the patch grid and every patch (14 x 14 RGB pixels) is mapped
 to the feature width by a fixed random projection, so the maps follow the image's content and
 the overlay is drawn on the same grid; the numbers describe that stand-in, not a trained
-encoder. ``--text`` is turned into token ids by hashing words (qformer) or into a task
-embedding seeded by the text (routing): both stand-ins are deterministic, so the same text
-always gives the same input.
+encoder. ``--text`` becomes the inputs the mechanism's spec builds from a text
+(``MechanismSpec.text_inputs``: hashed words as token ids, an embedding seeded by the text...),
+deterministic stand-ins, so the same text always gives the same input.
 """
 
 from __future__ import annotations
 
 import re
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ import numpy as np
 from qcrun.errors import UserError, unknown_choice
 
 PATCH = 14  # ViT-L/14 and EVA ViT-g/14 patch size, for the pixel stand-in
-TEXT_INPUTS = ("text_ids", "task_embedding")
 
 
 def require_pillow():
@@ -79,21 +77,6 @@ def pixel_features(image, grid: tuple[int, int], dim: int, seed: int = 0) -> np.
     return features.astype(np.float32)
 
 
-def text_token_ids(text: str, vocab_size: int, max_len: int) -> np.ndarray:
-    """[1, T] int64 ids from words by crc32 (ids 1..vocab-1; 0 is left for padding)."""
-    words = text.split()
-    if not words:
-        raise UserError("--text is empty", stage="inspect", hint="pass some words with --text")
-    ids = [zlib.crc32(w.lower().encode()) % (vocab_size - 1) + 1 for w in words[:max_len]]
-    return np.asarray([ids], dtype=np.int64)
-
-
-def task_embedding(text: str, dim: int) -> np.ndarray:
-    """[1, dim] float32 task embedding seeded by the text (scale as the spec's task cases)."""
-    rng = np.random.default_rng(zlib.crc32(text.encode()))
-    return (3.0 * rng.standard_normal((1, dim))).astype(np.float32)
-
-
 def golden_case_feeds(spec, config, names: Sequence[str] | None, *, default_all: bool = False):
     """[(case name, numpy feed)] of the spec's golden cases, with the golden inputs' seeds.
 
@@ -137,12 +120,10 @@ def custom_feeds(
     if case is not None and case not in known:
         raise unknown_choice("case", case, known, flag="--case")
     index, base = known[case] if case else (0, spec.golden_cases[0])
-    params = dict(base.params)
-    params["batch"] = 1
-    if features is not None:
-        params["tokens"] = int(features.shape[0])
-        if "media" in params:
-            params["media"] = 1  # one image: every text token after the first ones sees it
+    if features is None:
+        params = {**base.params, spec.roles.batch: 1}
+    else:  # one image: every text token after the first ones sees it
+        params = spec.roles.one_image(base.params, int(features.shape[0]))
     feed = {k: v.numpy() for k, v in
             spec.inputs(config, Case("custom", params), seed=GOLDEN_SEED + index).items()}
     visual = descriptor["visual_input"]
@@ -150,19 +131,15 @@ def custom_feeds(
         feed[visual] = features.reshape((1,) * (feed[visual].ndim - 2) + features.shape)
     if not texts:
         return [("image" if features is not None else base.name, feed)]
-    present = [n for n in TEXT_INPUTS if n in feed]
-    if not present:
+    if spec.text_inputs is None:
+        from qcexport import mechanisms
+
+        takers = [n for n in mechanisms.names() if mechanisms.get(n).text_inputs is not None]
         raise UserError(f"{spec.name} has no text input (inputs: {', '.join(feed)}); --text "
-                        "conditions qformer (text_ids) and routing (task_embedding)",
-                        stage="inspect", hint="drop --text")
+                        f"conditions {', '.join(takers)}", stage="inspect", hint="drop --text")
     feeds = []
     for number, text in enumerate(texts):
-        fed = dict(feed)
-        if "text_ids" in feed:
-            ids = text_token_ids(text, config.vocab_size, config.max_text)
-            fed["text_ids"], fed["text_mask"] = ids, np.ones(ids.shape, dtype=bool)
-        else:
-            fed["task_embedding"] = task_embedding(text, feed["task_embedding"].shape[-1])
+        fed = {**feed, **spec.text_inputs(config, text, feed)}
         slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:24] or "text"
         feeds.append((f"t{number}-{slug}", fed))
     return feeds

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qcrun.diagnostics import Grid, Run, token_grid
+from qcrun.diagnostics import BRANCH_CHOICES, Grid, Run, token_grid
 from qcrun.errors import UserError
 
 from qcexport.diagnostics.inputs import require_pillow
@@ -291,7 +291,7 @@ def render_report(
 def _render_figures(writer: _Writer, analysis, runs, descriptor, *, image, grid) -> dict:
     """{(case, map output) -> {"sheet", "queries": [...], "heads"}, (case, "cosine") -> ...}"""
     figures: dict = {}
-    prefix = "t" if descriptor.get("queries") == "text tokens" else "q"
+    prefix = descriptor.get("query_prefix") or "q"
     sample = analysis["sample"]
     by_case = {r.case: r for r in runs}
     for case in analysis["cases"]:
@@ -400,7 +400,7 @@ def _html(analysis, descriptor, figures, *, title: str, context: Mapping[str, An
     for warning in analysis.get("warnings", []):
         parts.append(f"<p class=warn>warning: {_e(warning)}</p>")
     if analysis.get("routing_table"):
-        parts.append(_routing_html(analysis["routing_table"]))
+        parts.append(_branch_table_html(analysis["routing_table"]))
     if analysis.get("sweep"):
         parts.append(_sweep_html(analysis["sweep"]))
     for case in analysis["cases"]:
@@ -417,8 +417,8 @@ def _case_html(case, descriptor, figures) -> str:
            f"<p>{case['visual_tokens']} visual tokens, drawn as {_e(where)}.</p>"]
     if case.get("gates"):
         out.append(_gates_html(case["gates"]))
-    if case.get("routing"):
-        r = case["routing"]
+    if case.get(BRANCH_CHOICES):
+        r = case[BRANCH_CHOICES]
         cells = "".join(f"<tr><td>{e['layer']}</td><td class=l>{_e(e['chosen'])}</td>"
                         f"<td class=l>{_e(e.get('ran') or '')}</td><td class=l>"
                         f"{' '.join(_num(w, '.2f') for w in e['weights'])}</td></tr>"
@@ -508,7 +508,7 @@ def _gates_html(gates) -> str:
             f"</th><th>max</th></tr>{rows}</table>")
 
 
-def _routing_html(table) -> str:
+def _branch_table_html(table) -> str:
     layers = max((len(r["chosen"]) for r in table["rows"]), default=0)
     head = "".join(f"<th class=l>layer {i}</th>" for i in range(layers))
     rows = []

@@ -1,6 +1,6 @@
 """Attention lowering: from the exporter's opset-23 graph to the form a target accepts.
 
-Three attention forms (DESIGN.md, "Targets and attention lowering"):
+Three attention forms (a target lists the ones it reads, ``qcrun.targets``):
 
 - ``onnx``: the standard opset-23 ``Attention`` node, as the dynamo exporter emits it for
   ``F.scaled_dot_product_attention``; nothing to do here.

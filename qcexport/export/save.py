@@ -91,7 +91,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def _stage(path: Path, data: bytes) -> Path:
-    """As ``qcrun.files.stage``, but through ``_fsync_write``, which tests replace to simulate
+    """As ``qcrun.files.write_temp``, but through ``_fsync_write``, which tests replace to simulate
     a full disk or Ctrl-C half-way through a write."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -14,6 +14,7 @@ from qcexport.mechanisms import (  # noqa: F401  (registration happens on import
     routing,
 )
 from qcexport.mechanisms.registry import (
+    AxisRoles,
     Case,
     MechanismSpec,
     create,
@@ -23,7 +24,7 @@ from qcexport.mechanisms.registry import (
     parameter_count,
 )
 
-__all__ = ["Case", "MechanismSpec", "create", "describe", "get", "list", "names", "parameter_count"]
+__all__ = ["AxisRoles", "Case", "MechanismSpec", "create", "describe", "get", "list", "names", "parameter_count"]
 
 
 def list() -> list[str]:  # noqa: A001  (the registry's public name, as in timm.list_models)

@@ -1,8 +1,14 @@
-"""Small pieces shared by the mechanism files: seeded example inputs and masks."""
+"""Small pieces shared by the mechanism files: seeded example inputs and masks, and the
+deterministic stand-ins for a text that `inspect --text` feeds (hashed words, a seeded
+embedding), so the same text always gives the same input."""
 
 from __future__ import annotations
 
+import zlib
+
+import numpy as np
 import torch
+from qcrun.errors import UserError
 
 
 def generator(seed: int) -> torch.Generator:
@@ -31,3 +37,18 @@ def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean over axis 1 of [B, N, D] counting only valid tokens ([B, N] boolean)."""
     w = valid.to(x.dtype).unsqueeze(-1)  # [B, N, 1]
     return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+
+
+def text_token_ids(text: str, vocab_size: int, max_len: int) -> np.ndarray:
+    """[1, T] int64 ids from words by crc32 (ids 1..vocab-1; 0 is left for padding)."""
+    words = text.split()
+    if not words:
+        raise UserError("--text is empty", stage="inspect", hint="pass some words with --text")
+    ids = [zlib.crc32(w.lower().encode()) % (vocab_size - 1) + 1 for w in words[:max_len]]
+    return np.asarray([ids], dtype=np.int64)
+
+
+def text_embedding(text: str, dim: int, scale: float = 1.0) -> np.ndarray:
+    """[1, dim] float32 embedding seeded by the text, standard normal times ``scale``."""
+    rng = np.random.default_rng(zlib.crc32(text.encode()))
+    return (scale * rng.standard_normal((1, dim))).astype(np.float32)

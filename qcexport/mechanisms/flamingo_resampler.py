@@ -17,7 +17,8 @@ from torch import nn
 
 from qcexport.mechanisms.attention import FeedForward, MultiHeadAttention, key_padding_mask
 from qcexport.mechanisms.common import features, generator, token_mask
-from qcexport.mechanisms.registry import Case, MechanismSpec, register
+from qcexport.mechanisms.map_plan import MapPlan, MapSite
+from qcexport.mechanisms.registry import AxisRoles, Case, MechanismSpec, register
 
 
 @dataclass
@@ -81,7 +82,10 @@ def make_inputs(c: ResamplerConfig, *, seed=0, batch=1, media=1, tokens=49, pad=
     return {"image_features": features(g, batch, media, tokens, c.dim), "image_mask": mask}
 
 
-_AXES = {"batch": 0, "media": 1, "tokens": 2}
+def map_sites(module: PerceiverResampler) -> list[MapSite]:
+    return [MapSite(f"layers.{i}.attn", i, "latents -> [visual tokens; latents]",
+                    keys="visual+latents") for i in range(len(module.layers))]
+
 
 register(
     MechanismSpec(
@@ -113,5 +117,8 @@ register(
         ),
         export_case=Case("export", {"batch": 2, "media": 2, "tokens": 37}),
         verify_case=Case("verify", {"batch": 3, "media": 3, "tokens": 101, "pad": True}),
+        roles=AxisRoles(media="media"),
+        maps=MapPlan(map_sites, "image_features", 2, "latents", "latent_tokens", media_axis=1,
+                     rows="batch*media"),
     )
 )

@@ -22,7 +22,8 @@ from torch import nn
 
 from qcexport.mechanisms.attention import FeedForward, MultiHeadAttention
 from qcexport.mechanisms.common import features, generator
-from qcexport.mechanisms.registry import Case, MechanismSpec, register
+from qcexport.mechanisms.map_plan import Extra, MapPlan, MapSite
+from qcexport.mechanisms.registry import AxisRoles, Case, MechanismSpec, register
 
 
 @dataclass
@@ -99,6 +100,46 @@ def make_inputs(c: XAttnConfig, *, seed=0, batch=1, text=12, media=2, tokens=8):
     }
 
 
+def map_sites(module: FlamingoCrossAttention) -> list[MapSite]:
+    return [MapSite(f"blocks.{i}.attn", i, "text tokens -> media tokens", keys="media")
+            for i in range(len(module.blocks))]
+
+
+GATES = "xattn_gates"
+VISUAL_SHARE = "xattn_visual_share"
+
+
+def _gates(module: FlamingoCrossAttention, taps, inputs) -> torch.Tensor:
+    gates = [torch.cat([b.attn_gate.tanh(), b.ff_gate.tanh()]) for b in module.blocks]
+    return torch.stack(gates)  # [layers, 2]
+
+
+def _visual_share(module: FlamingoCrossAttention, taps, inputs) -> torch.Tensor:
+    """Per layer and text token: |update| / (|h_in| + |update|), the update being everything
+    the block added (both gated branches; without vision the block is the identity)."""
+    shares = []
+    for i in range(len(module.blocks)):
+        path = f"blocks.{i}"
+        h_in = taps.input(path)["h"]
+        update = taps.outputs[path] - h_in  # [B, T, D]
+        added, kept = update.norm(dim=-1), h_in.norm(dim=-1)  # [B, T]
+        shares.append(added / (added + kept).clamp_min(torch.finfo(added.dtype).tiny))
+    return torch.stack(shares, dim=1)  # [B, layers, T]
+
+
+def map_extras(module: FlamingoCrossAttention) -> list[Extra]:
+    blocks = tuple(f"blocks.{i}" for i in range(len(module.blocks)))
+    return [Extra(GATES, (), _gates),
+            Extra(VISUAL_SHARE, blocks, _visual_share, {0: "batch", 2: "text"})]
+
+
+def describe_maps(module: FlamingoCrossAttention) -> dict:
+    return {"gates": {"output": GATES, "columns": ["attention", "feed-forward"]},
+            "visual_share": {"output": VISUAL_SHARE, "token_input": "media_ids",
+                             "residual": {"input": "text_hidden", "output": "text_hidden_out"}}}
+
+
+
 register(
     MechanismSpec(
         name="flamingo-xattn",
@@ -135,5 +176,8 @@ register(
         ),
         export_case=Case("export", {"batch": 2, "text": 10, "media": 2, "tokens": 6}),
         verify_case=Case("verify", {"batch": 3, "text": 23, "media": 3, "tokens": 11}),
+        roles=AxisRoles(media="media"),
+        maps=MapPlan(map_sites, "media_features", 2, "text tokens", None, media_axis=1,
+                     query_prefix="t", extras=map_extras, describe=describe_maps),
     )
 )

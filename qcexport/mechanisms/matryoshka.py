@@ -19,6 +19,7 @@ from torch import nn
 
 from qcexport.mechanisms.attention import FeedForward, MultiHeadAttention
 from qcexport.mechanisms.common import features, generator
+from qcexport.mechanisms.map_plan import MapPlan, MapSite
 from qcexport.mechanisms.registry import Case, MechanismSpec, register
 
 
@@ -76,6 +77,18 @@ def make_inputs(c: MatryoshkaConfig, *, seed=0, batch=1, tokens=49, m=None):
     }
 
 
+def map_sites(module: MatryoshkaQueryTransformer) -> list[MapSite]:
+    return [MapSite(f"layers.{i}.cross_attn", i, "queries -> visual tokens")
+            for i in range(len(module.layers))]
+
+
+def describe_maps(module: MatryoshkaQueryTransformer) -> dict:
+    """The m sweep `inspect` runs: powers of two up to M, and M."""
+    top = module.config.max_queries
+    values = sorted({1, *(2 ** i for i in range(top.bit_length()) if 2 ** i <= top), top})
+    return {"sweep": {"input": "num_queries", "values": values, "output": "query_outputs"}}
+
+
 register(
     MechanismSpec(
         name="matryoshka",
@@ -106,5 +119,7 @@ register(
         export_case=Case("export", {"batch": 2, "tokens": 37, "m": 6}),
         verify_case=Case("verify", {"batch": 3, "tokens": 101, "m": 11}),
         input_ranges=lambda c: {"num_queries": (1, c.max_queries)},
+        maps=MapPlan(map_sites, "image_features", 1, "queries", "query_outputs",
+                     describe=describe_maps),
     )
 )

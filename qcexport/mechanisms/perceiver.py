@@ -17,6 +17,7 @@ from torch import nn
 
 from qcexport.mechanisms.attention import FeedForward, MultiHeadAttention, key_padding_mask
 from qcexport.mechanisms.common import features, generator, token_mask
+from qcexport.mechanisms.map_plan import MapPlan, MapSite
 from qcexport.mechanisms.registry import Case, MechanismSpec, register
 
 
@@ -104,6 +105,14 @@ _CASES = (
 )
 _AXES = {"image_features": {0: "batch", 1: "tokens"}, "image_mask": {0: "batch", 1: "tokens"}}
 
+
+def map_sites(module: Perceiver) -> list[MapSite]:
+    sites = [MapSite("encode.attn", 0, "latents -> visual tokens",
+                     same_queries=not module.config.num_outputs)]
+    if module.config.num_outputs:
+        sites.append(MapSite("decode.attn", 1, "output queries -> latents", keys="latents"))
+    return sites
+
 register(
     MechanismSpec(
         name="perceiver",
@@ -126,6 +135,7 @@ register(
         golden_cases=_CASES,
         export_case=Case("export", {"batch": 2, "tokens": 37}),
         verify_case=Case("verify", {"batch": 3, "tokens": 101, "pad": True}),
+        maps=MapPlan(map_sites, "image_features", 1, "latents", "latent_tokens"),
     )
 )
 
@@ -151,5 +161,6 @@ register(
         golden_cases=_CASES,
         export_case=Case("export", {"batch": 2, "tokens": 37}),
         verify_case=Case("verify", {"batch": 3, "tokens": 101, "pad": True}),
+        maps=MapPlan(map_sites, "image_features", 1, "latents", "outputs"),
     )
 )

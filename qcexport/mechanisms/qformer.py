@@ -7,7 +7,7 @@ image features every ``cross_attention_freq`` layers; queries and text have thei
 feed-forward weights. Layers are post-norm as in BERT. The mask used is the image-text
 matching one: queries and text tokens all see each other, padding text tokens are invisible.
 
-``conditioning="modulate"`` is the seed's simpler pattern: the queries are shifted by a
+``conditioning="modulate"`` is the simpler pattern: the queries are shifted by a
 projection of the pooled text embedding, and only the queries run through the layers.
 """
 
@@ -15,11 +15,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from qcexport.mechanisms.attention import MultiHeadAttention, key_padding_mask
-from qcexport.mechanisms.common import features, generator, masked_mean, token_mask
+from qcexport.mechanisms.common import (
+    features,
+    generator,
+    masked_mean,
+    text_token_ids,
+    token_mask,
+)
+from qcexport.mechanisms.map_plan import MapPlan, MapSite
 from qcexport.mechanisms.registry import Case, MechanismSpec, register
 
 
@@ -124,6 +132,17 @@ def make_inputs(c: QFormerConfig, *, seed=0, batch=1, tokens=49, text=6, pad=Fal
     }
 
 
+def text_inputs(c: QFormerConfig, text: str, feed) -> dict[str, np.ndarray]:
+    """The prompt: hashed words as token ids, none of them padding."""
+    ids = text_token_ids(text, c.vocab_size, c.max_text)
+    return {"text_ids": ids, "text_mask": np.ones(ids.shape, dtype=bool)}
+
+
+def map_sites(module: QFormer) -> list[MapSite]:
+    return [MapSite(f"layers.{i}.cross_attn", i, "queries -> visual tokens")
+            for i, layer in enumerate(module.layers) if layer.cross_attn is not None]
+
+
 register(
     MechanismSpec(
         name="qformer",
@@ -158,5 +177,7 @@ register(
         export_case=Case("export", {"batch": 2, "tokens": 37, "text": 5, "pad": True}),
         verify_case=Case("verify", {"batch": 3, "tokens": 101, "text": 9, "pad": True}),
         input_ranges=lambda c: {"text_ids": (0, c.vocab_size - 1)},
+        maps=MapPlan(map_sites, "image_features", 1, "queries", "query_outputs"),
+        text_inputs=text_inputs,
     )
 )

@@ -1,9 +1,10 @@
 """The mechanism registry: one declarative spec per mechanism.
 
-Everything the exporter, the golden-set writer and the tests need to know about a mechanism
-lives in its spec (as optimum's export configs do): the builder, the presets, the example-input
-factory, input and output names, dynamic axes, and the golden cases. Generic code reads the
-spec and never branches on a mechanism's name.
+Everything the exporter, the golden-set writer, the diagnostics and the tests need to know
+about a mechanism lives in its spec, in the mechanism's own file (as optimum's export configs
+do): the builder, the presets, the example-input factory, input and output names, dynamic axes
+and the roles of the axes, the golden cases, the attention-map plan and the builder of text
+inputs. Generic code reads the spec and never branches on a mechanism's name or its inputs.
 """
 
 from __future__ import annotations
@@ -13,11 +14,34 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from qcrun.errors import UserError, unknown_choice
 from torch import nn
 
+from qcexport.mechanisms.map_plan import MapPlan
+
 PRESETS = ("tiny", "base")
+
+
+@dataclass(frozen=True)
+class AxisRoles:
+    """Which symbolic axis is the batch, which the visual token count, and which the number
+    of images per sample (None: no such axis). An example-input parameter of the same name
+    sets the size of that axis (``Case({"batch": 1, "tokens": 49})``)."""
+
+    batch: str = "batch"
+    tokens: str = "tokens"
+    media: str | None = None
+
+    def one_image(self, params: Mapping[str, Any], tokens: int | None = None) -> dict[str, Any]:
+        """``params`` for one sample of one image (of ``tokens`` visual tokens when given)."""
+        out = {**params, self.batch: 1}
+        if tokens is not None:
+            out[self.tokens] = tokens
+        if self.media is not None and self.media in out:
+            out[self.media] = 1
+        return out
 
 
 @dataclass(frozen=True)
@@ -58,6 +82,17 @@ class MechanismSpec:
     # input may hold (token ids < vocab, a query count in [1, M]). Recorded in the manifest;
     # qcrun.load refuses others, as PyTorch would.
     input_ranges: Callable[[Any], Mapping[str, tuple[int, int]]] | None = None
+    roles: AxisRoles = field(default_factory=AxisRoles)
+    # The attention maps `inspect` and --with-attention-maps add: which submodules are
+    # cross-attention cores and how to read them (None: the mechanism has no maps).
+    maps: MapPlan | None = None
+    # Whether `inspect` runs every golden case by default (cases that differ by a task, say),
+    # rather than the first.
+    inspect_all_cases: bool = False
+    # text_inputs(config, text, feed) -> {input name: array}: the inputs that carry a text (a
+    # prompt, a task query) for `inspect --text`, built deterministically from the words, for
+    # the batch-1 ``feed`` they replace inputs of (None: the mechanism takes no text).
+    text_inputs: Callable[[Any, str, Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None
 
     def config(self, preset: str = "tiny", **overrides) -> Any:
         if preset not in self.presets:
@@ -79,6 +114,17 @@ class MechanismSpec:
         if missing or list(feed) != list(self.input_names):
             raise RuntimeError(f"{self.name}: example inputs {list(feed)} != spec {self.input_names}")
         return feed
+
+    def example_sizes(self, config, case: Case | None = None) -> dict[str, int]:
+        """{symbolic axis: size} of the example inputs of ``case`` (default: the first golden
+        case): the default sizes wherever inputs are made without a size for an axis."""
+        feed = self.inputs(config, case or self.golden_cases[0])
+        sizes: dict[str, int] = {}
+        for name, axes in self.dynamic_axes.items():
+            if name in feed:
+                for axis, label in axes.items():
+                    sizes.setdefault(label, int(feed[name].shape[axis]))
+        return sizes
 
 
 _REGISTRY: dict[str, MechanismSpec] = {}

@@ -24,13 +24,23 @@ Outputs: the query tokens and the routing weights actually used, [B, layers, bra
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from qcexport.mechanisms.attention import FeedForward, MultiHeadAttention, key_padding_mask
-from qcexport.mechanisms.common import features, generator, masked_mean, token_mask
+from qcexport.mechanisms.common import (
+    features,
+    generator,
+    masked_mean,
+    text_embedding,
+    token_mask,
+)
+from qcexport.mechanisms.map_plan import MAP_PREFIX, MapPlan, MapSite
 from qcexport.mechanisms.registry import Case, MechanismSpec, register
 
 BRANCHES = ("global", "local", "mlp")
@@ -165,6 +175,48 @@ def branch_coverage(module: TaskRouter, cases) -> list[str]:
     ]
 
 
+def text_inputs(c: RoutingConfig, text: str, feed) -> dict[str, np.ndarray]:
+    """The task query: an embedding seeded by the text, at the scale of the task cases."""
+    return {"task_embedding": text_embedding(text, c.task_dim, scale=3.0)}
+
+
+# --- attention maps: the branches run inside torch.cond, where no hook may reach ------------
+
+
+def _routed_inputs(branch: int, mask_name: str):
+    """Read a branch's attention inputs at its layer, outside the If, with a gate that is 0
+    where the branch did not run."""
+
+    def inputs(layer: RoutedLayer, args: Mapping[str, Any]) -> tuple:
+        weights, routing = args["weights"], args["routing"]  # weights: [B, branches]
+        if routing == "cond":  # what the If runs: one branch for the whole batch
+            gate = (weights.sum(dim=0).argmax() == branch).to(weights.dtype)
+        elif routing == "select":  # every branch runs; the sample keeps its own choice
+            gate = weights[:, branch, None, None, None]  # [B, 1, 1, 1]
+        else:  # soft: every branch contributes
+            gate = None
+        return layer.norm_q(args["x"]), layer.norm_kv(args["image"]), args[mask_name], gate
+
+    return inputs
+
+
+def map_sites(module: TaskRouter) -> list[MapSite]:
+    sites = []
+    for i in range(len(module.layers)):
+        sites.append(MapSite(f"layers.{i}.global_attn", i, "global branch", hook=f"layers.{i}",
+                             inputs=_routed_inputs(0, "global_mask")))
+        sites.append(MapSite(f"layers.{i}.local_attn", i, "local branch", hook=f"layers.{i}",
+                             inputs=_routed_inputs(1, "local_mask")))
+    return sites
+
+
+def describe_maps(module: TaskRouter) -> dict[str, Any]:
+    return {"routing": {"output": "routing_weights", "branches": list(BRANCHES),
+                        "mode": module.config.routing,
+                        "map_branch": {MAP_PREFIX + s.core: s.label.split()[0]
+                                       for s in map_sites(module)}}}
+
+
 register(
     MechanismSpec(
         name="routing",
@@ -203,5 +255,9 @@ register(
         # enter If branches (their MatMuls would stay fp32), and OpenVINO 2026.4 returns NaN on
         # the first inference of the QDQ model with If for some branch choices. Same outputs.
         precision_overrides={"int8-static": {"routing": "select"}},
+        maps=MapPlan(map_sites, "image_features", 1, "queries", "query_outputs",
+                     describe=describe_maps),
+        inspect_all_cases=True,  # the cases differ by task: compare them all
+        text_inputs=text_inputs,
     )
 )

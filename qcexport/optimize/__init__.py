@@ -24,6 +24,7 @@ import onnx
 from qcrun.errors import UserError
 from qcrun.files import read_model_dir
 from qcrun.golden import file_sha256
+from qcrun.inputs import make_inputs
 from qcrun.schema import dump
 from qcrun.targets import get_target
 
@@ -147,7 +148,7 @@ def _quantize_model_dir(
     elif calibration is not None:
         evaluation = [(f"calibration#{i}", f) for i, f in enumerate(calibration.feeds[:evaluation_cases])]
     else:
-        evaluation = [("example", _random_feed(manifest.input_specs()))]
+        evaluation = [("example", make_inputs(manifest.input_specs(), seed=EVALUATION_SEED))]
 
     prepare_output_dir(out_dir)
     with tempfile.TemporaryDirectory(prefix="qcexport-quantize-") as tmp:
@@ -185,18 +186,3 @@ def _quantize_model_dir(
         save_model_and_manifest(reduced, out_dir / MODEL_FILE, out_dir / MANIFEST_FILE,
                                 out_manifest)
     return QuantizeResult(out_dir / MODEL_FILE, out_manifest, loss, time.perf_counter() - start)
-
-
-def _random_feed(inputs: list[dict]) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(EVALUATION_SEED)
-    feed = {}
-    for spec in inputs:
-        shape = [d if isinstance(d, int) else 2 for d in spec["shape"]]
-        dtype = np.dtype(spec["dtype"])
-        if dtype == np.bool_:
-            feed[spec["name"]] = np.ones(shape, dtype=bool)
-        elif np.issubdtype(dtype, np.integer):
-            feed[spec["name"]] = rng.integers(0, 2, size=shape).astype(dtype)
-        else:
-            feed[spec["name"]] = rng.standard_normal(shape).astype(dtype)
-    return feed

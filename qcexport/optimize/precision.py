@@ -1,7 +1,7 @@
 """Reduced precision: int8 dynamic, int8 static (calibrated QDQ) and fp16.
 
 Several default paths of the onnxruntime quantizer produce invalid or silently wrong models
-for these graphs (see PITFALLS), so each precision is pinned down here:
+for these graphs (each case is named below), so each precision is pinned down here:
 
 - int8-dynamic: only MatMul and Gemm are quantized (the default op list rewrites the standard
   ``Attention`` into ``com.microsoft.QAttention``, which fails to load and which OpenVINO cannot
@@ -88,12 +88,11 @@ def node_modules(model: onnx.ModelProto) -> dict[str, str]:
     paths: dict[str, str] = {}
 
     def scope_of(node) -> str:
-        for prop in node.metadata_props:
-            if prop.key == "pkg.torch.onnx.name_scopes":
-                scopes = [s.strip(" '\"") for s in prop.value.strip("[]").split(",")]
-                modules = [s for s in scopes[:-1] if s]  # the last scope is the op itself
-                return modules[-1] if modules else ""
-        return ""
+        # one reading of the exporter's scopes for quantization and profiling alike
+        from qcrun.profiling.provenance import parse_scopes
+
+        parsed = parse_scopes({p.key: p.value for p in node.metadata_props})
+        return parsed[0][-1] if parsed and parsed[0] else ""
 
     def walk(graph, prefix: str) -> None:
         for node in graph.node:

@@ -18,14 +18,9 @@ same size in every input that has it, and on TensorRT the profile ranges the bun
 with. A mismatch is a UserError listing every problem; nothing is cast silently.
 
 Threads: one ``Model`` may be called from several threads at once, and returns the same
-outputs as serial calls.
-
-- onnxruntime: ``InferenceSession.run`` is thread-safe, so calls run concurrently on the one
-  session (each call's intra-op threads are the session's).
-- OpenVINO: an ``InferRequest`` holds its input and output tensors and must not be shared, so
-  the model keeps a pool of requests of the one compiled model: a call takes an idle request
-  (or creates one) and returns it after copying its outputs.
-- onnx.reference: calls are serialised by a lock.
+outputs as serial calls. Each engine's adapter serves concurrent calls its own way
+(``Model.concurrency`` says how): onnxruntime runs them on its one thread-safe session,
+OpenVINO keeps a pool of infer requests, onnx.reference serialises them with a lock.
 
 ``close()`` (or ``with qcrun.load(...) as model:``) releases the engine and removes an archive's
 extracted copy; calls after it are an error.
@@ -33,7 +28,6 @@ extracted copy; calls after it are an error.
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,18 +36,18 @@ from typing import Any
 
 import numpy as np
 
-from qcrun.adapters import (
+from qcrun.bundle import Bundle, is_bundle, open_bundle
+from qcrun.engines import (
     Adapter,
-    OpenVinoAdapter,
     TargetUnavailable,
     TensorInfo,
-    _array_problems,
     adapter_for,
+    array_problems,
+    availability,
 )
-from qcrun.bundle import Bundle, is_bundle, open_bundle
 from qcrun.errors import UserError
 from qcrun.files import ValueRange, read_model_dir
-from qcrun.targets import Target, availability, get_target
+from qcrun.targets import Target, get_target
 
 #: Target preference of ``target="auto"``, best first; targets in one tuple share a rank, and
 #: within a rank the bundle's own target goes first.
@@ -135,41 +129,6 @@ def plan_targets(
     return choices
 
 
-class _PooledOpenVino(OpenVinoAdapter):
-    """OpenVINO with one InferRequest per concurrent call, from a pool of idle requests."""
-
-    def _load(self):
-        loaded = super()._load()
-        self._pool: queue.SimpleQueue = queue.SimpleQueue()
-        self._pool.put(self._request)
-        self._created = 1
-        self._count_lock = threading.Lock()
-        return loaded
-
-    @property
-    def requests_created(self) -> int:
-        return self._created
-
-    def _run(self, feed):
-        try:
-            request = self._pool.get_nowait()
-        except queue.Empty:
-            request = self._compiled.create_infer_request()
-            with self._count_lock:
-                self._created += 1
-        try:
-            results = request.infer({self._in_ports[k]: v for k, v in feed.items()})
-            # The request reuses its output buffers on its next call: copy before releasing it.
-            return {name: np.array(results[port], copy=True)
-                    for name, port in self._out_ports.items()}
-        finally:
-            self._pool.put(request)
-
-    def _close(self):
-        super()._close()
-        self._pool = queue.SimpleQueue()
-
-
 class Model:
     """A loaded model on one target: call it with inputs by name, get outputs by name.
 
@@ -186,7 +145,6 @@ class Model:
         self.inputs: list[TensorInfo] = source.inputs or engine_inputs
         self.outputs: list[TensorInfo] = source.outputs or adapter.outputs
         self._check_spec(engine_inputs)
-        self._lock = None if adapter.engine in ("onnxruntime", "openvino") else threading.Lock()
         self._closed = False
         # Calls in flight, so that close() waits for them before releasing the engine: a
         # session freed under a running call would crash in native code.
@@ -228,10 +186,7 @@ class Model:
     @property
     def concurrency(self) -> str:
         """How concurrent calls are served (see the module docstring)."""
-        return {
-            "onnxruntime": "concurrent calls on one thread-safe InferenceSession",
-            "openvino": "one InferRequest per concurrent call, from a pool",
-        }.get(self._adapter.engine, "calls serialised by a lock")
+        return self._adapter.concurrency
 
     def __repr__(self) -> str:
         spec = ", ".join(i.describe() for i in self.inputs)
@@ -265,11 +220,7 @@ class Model:
                             hint=f"call model.run({{{', '.join(repr(i.name) for i in self.inputs)}"
                             ": ...}}) or model(name=array, ...)")
         self._check(inputs)
-        if self._lock is None:
-            outputs = self._adapter.run(inputs)
-        else:
-            with self._lock:
-                outputs = self._adapter.run(inputs)
+        outputs = self._adapter.run(inputs)
         if self._rename:
             outputs = {self._rename.get(k, k): v for k, v in outputs.items()}
         return outputs
@@ -288,7 +239,7 @@ class Model:
                 problems.append(f"input {spec.name!r} is missing")
                 continue
             array = np.asarray(inputs[spec.name])
-            found = _array_problems(spec, array)
+            found = array_problems(spec, array)
             if not found and spec.name in self._source.ranges:
                 out_of_range += _range_problems(spec.name, array, self._source.ranges[spec.name])
             problems += found
@@ -448,16 +399,8 @@ def _range_problems(name: str, array: np.ndarray, allowed: ValueRange) -> list[s
 
 def _incompatibility(source: _Source):
     def why(target: Target) -> str | None:
-        if source.bundle is not None:
-            return source.bundle.incompatibility(target)
-        problems = []
-        if source.attention and not target.accepts_attention(source.attention):
-            problems.append(f"it does not read the {source.attention!r} attention form")
-        if source.opset and int(source.opset) > target.max_opset:
-            problems.append(f"it reads opsets up to {target.max_opset}")
-        if source.precision and source.precision not in target.precisions:
-            problems.append(f"it does not run {source.precision} models")
-        return "; ".join(problems) or None
+        return target.incompatibility(attention=source.attention, opset=source.opset,
+                                      precision=source.precision)
 
     return why
 
@@ -511,6 +454,4 @@ def _adapter(source: _Source, target: str, cache_dir, options) -> Adapter:
     if t.needs_profile_shapes and "cache_dir" not in extra and cache_dir:
         extra["cache_dir"] = str(Path(cache_dir) / t.name)
     extra.update(options.get(t.name, {}))
-    if t.engine == "openvino":
-        return _PooledOpenVino(source.model_path, t, **extra)
     return adapter_for(source.model_path, t, **extra)

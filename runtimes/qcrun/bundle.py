@@ -53,7 +53,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, ClassVar, Literal
 
 from qcrun import signing
-from qcrun.adapters import TensorInfo
+from qcrun.engines import TensorInfo, engine_of
 from qcrun.errors import UserError
 from qcrun.files import TensorSpec
 from qcrun.golden import file_sha256
@@ -64,7 +64,6 @@ from qcrun.targets import (
     Target,
     default_cache_dir,
     get_target,
-    tensorrt_provider_options,
 )
 
 FORMAT = 1
@@ -352,17 +351,8 @@ class Bundle:
 
     def incompatibility(self, target: str | Target) -> str | None:
         """Why ``target`` cannot run this bundle's model, or None when it can."""
-        t = get_target(target)
-        problems = []
-        if not t.accepts_attention(self.attention):
-            problems.append(f"it does not read the {self.attention!r} attention form (it reads "
-                            f"{', '.join(t.attention_forms)})")
-        if self.opset > t.max_opset:
-            problems.append(f"it reads opsets up to {t.max_opset}, the model is opset {self.opset}")
-        if self.precision not in t.precisions:
-            problems.append(f"it does not run {self.precision} models (it runs "
-                            f"{', '.join(t.precisions)})")
-        return "; ".join(problems) or None
+        return get_target(target).incompatibility(attention=self.attention, opset=self.opset,
+                                                  precision=self.precision)
 
     def require_compatible(self, target: str | Target) -> Target:
         """The target, or a UserError saying why this bundle was made for another one."""
@@ -400,24 +390,9 @@ class Bundle:
         """The onnxruntime provider list the adapter builds for ``target``, computed from the
         bundle's specs alone (no engine needed): TensorRT options first, then CUDA and CPU."""
         t = get_target(target)
-        if t.engine != "onnxruntime":
-            raise UserError(f"target {t.name} runs on {t.engine}, which has no execution "
-                            "providers", stage="bundle")
-        providers: list = []
-        for name in t.providers:
-            if name == "TensorrtExecutionProvider":
-                options = tensorrt_provider_options(
-                    self.input_shapes(),
-                    self.profile_shapes,
-                    cache_dir=self.cache_dir(t, cache_root),
-                    fp16=bool(t.options.get("trt_fp16", False)),
-                    workspace_bytes=int(t.options.get("trt_workspace_bytes", 2 << 30)),
-                    cache=bool(t.options.get("trt_cache", True)),
-                )
-                providers.append((name, options))
-            else:
-                providers.append(name)
-        return providers
+        return engine_of(t).providers(t, input_shapes=self.input_shapes(),
+                                      profile_shapes=self.profile_shapes,
+                                      cache_dir=self.cache_dir(t, cache_root))
 
     def profile_problems(self, feed: Mapping[str, Any]) -> list[str]:
         """Dynamic axes of ``feed`` outside the TensorRT profile ranges of this bundle."""
@@ -581,7 +556,7 @@ def open_bundle(path: str | Path, *, extract_to: str | Path | None = None) -> Bu
                         hint="pass the NAME.bundle directory or NAME.bundle.tar.gz written by "
                         "`qcexport bundle`")
     try:
-        raw, spec, data = read_manifest(root, str(source))
+        raw, spec, data = read_bundle_manifest(root, str(source))
     except BaseException:
         if cleanup:
             shutil.rmtree(cleanup, ignore_errors=True)
@@ -589,8 +564,8 @@ def open_bundle(path: str | Path, *, extract_to: str | Path | None = None) -> Bu
     return Bundle(root, spec, source, cleanup, raw=raw, data=data)
 
 
-def read_manifest(root: Path, label: str | None = None
-                  ) -> tuple[bytes, BundleManifest, dict[str, Any]]:
+def read_bundle_manifest(root: Path, label: str | None = None
+                         ) -> tuple[bytes, BundleManifest, dict[str, Any]]:
     """``root/bundle.json``: (its bytes, the typed manifest, the parsed JSON), checked against
     its own sha256, its schema and the rule that no path leaves the bundle."""
     label = label or str(root)
@@ -744,7 +719,7 @@ def foreign_content(path: str | Path) -> tuple[bool, list[str]]:
     if not (path / BUNDLE_MANIFEST).is_file():
         return False, [f"no {BUNDLE_MANIFEST} in it"]
     try:
-        _, spec, _ = read_manifest(path)
+        _, spec, _ = read_bundle_manifest(path)
     except UserError as e:
         return False, [e.args[0]]
     problems = []
@@ -882,7 +857,7 @@ def pack_archive(directory: str | Path, archive: str | Path, arcname: str | None
 
     directory, archive = Path(directory), Path(archive)
     arcname = arcname or directory.name
-    _, spec, _ = read_manifest(directory)
+    _, spec, _ = read_bundle_manifest(directory)
     members = [BUNDLE_MANIFEST]
     if (directory / SIGNATURE_FILE).is_file():
         members.append(SIGNATURE_FILE)

@@ -37,10 +37,10 @@ from qcrun.errors import UserError
 
 FORMAT = 1
 DEFAULT_THRESHOLD = 0.95
+# The key, in the map descriptor and in the analysis, of the branch each routed layer chose
+# (a key of the manifest's and the report's formats, kept as written).
+BRANCH_CHOICES = "routing"
 REEXPORT_HINT = "re-export it with `qcexport convert NAME ... --with-attention-maps`"
-# Sizes of symbolic axes for random inputs (when no golden set is at hand).
-DEFAULT_AXIS_SIZES = {"batch": 1, "tokens": 49, "media": 1, "text": 8}
-FALLBACK_AXIS_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ def require_maps(manifest, output_names: Sequence[str], source: str) -> dict:
         raise UserError(f"{source}: attention-map descriptor format {descriptor.get('format')!r}"
                         f"; this qcrun reads format {FORMAT}", stage="inspect", hint=hint)
     wanted = [m["output"] for m in descriptor["maps"]]
-    for key in ("gates", "visual_share", "routing"):
+    for key in ("gates", "visual_share", BRANCH_CHOICES):
         if descriptor.get(key):
             wanted.append(descriptor[key]["output"])
     missing = [n for n in wanted if n not in output_names]
@@ -232,26 +232,18 @@ def random_feed(
     sizes: Mapping[str, int] | None = None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Inputs from the manifest's input specs: floats standard normal, booleans all True
-    (nothing masked), integers 1 (a valid token id, and the first media item), and the
-    swept 0-d input (Matryoshka's m) at its largest value. Symbolic axes take ``sizes``,
-    else DEFAULT_AXIS_SIZES, else FALLBACK_AXIS_SIZE."""
-    rng = np.random.default_rng(seed)
-    sizes = {**DEFAULT_AXIS_SIZES, **(sizes or {})}
+    """Inputs from the manifest's input specs by qcrun's one input rule
+    (:func:`qcrun.inputs.make_inputs`), with the swept 0-d input (a query count) at its
+    largest value. Symbolic axes take ``sizes``, else the sizes of the mechanism's example
+    that the descriptor records."""
+    from qcrun.inputs import make_inputs
+
+    sizes = {**(descriptor.get("example_sizes") or {}), **(sizes or {})}
+    feed = make_inputs(inputs, sizes, seed)
     sweep = descriptor.get("sweep") or {}
-    feed = {}
-    for spec in inputs:
-        shape = [d if isinstance(d, int) else sizes.get(str(d), FALLBACK_AXIS_SIZE)
-                 for d in spec["shape"]]
-        dtype = np.dtype(spec["dtype"])
-        if spec["name"] == sweep.get("input"):
-            feed[spec["name"]] = np.full(shape, max(sweep["values"]), dtype=dtype)
-        elif dtype.kind == "f":
-            feed[spec["name"]] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind == "b":
-            feed[spec["name"]] = np.ones(shape, dtype=dtype)
-        else:
-            feed[spec["name"]] = np.ones(shape, dtype=dtype)
+    if sweep.get("input") in feed:
+        name = sweep["input"]
+        feed[name] = np.full(np.shape(feed[name]), max(sweep["values"]), dtype=feed[name].dtype)
     return feed
 
 
@@ -383,20 +375,20 @@ def _gates(descriptor, run: Run, sample: int):
     return result
 
 
-def _routing(descriptor, run: Run, sample: int):
-    routing = descriptor.get("routing")
-    if not routing:
+def _branch_choices(descriptor, run: Run, sample: int):
+    choices = descriptor.get(BRANCH_CHOICES)
+    if not choices:
         return None
-    weights = np.asarray(run.outputs[routing["output"]], dtype=np.float64)  # [B, L, branches]
-    branches = routing["branches"]
+    weights = np.asarray(run.outputs[choices["output"]], dtype=np.float64)  # [B, L, branches]
+    branches = choices["branches"]
     layers = []
     for layer in range(weights.shape[1]):
         entry = {"layer": layer, "chosen": branches[int(weights[sample, layer].argmax())],
                  "weights": weights[sample, layer]}
-        if routing["mode"] == "cond":  # the If runs the batch's choice
+        if choices["mode"] == "cond":  # the If runs the batch's choice
             entry["ran"] = branches[int(weights[:, layer].sum(axis=0).argmax())]
         layers.append(entry)
-    return {"mode": routing["mode"], "branches": branches, "layers": layers}
+    return {"mode": choices["mode"], "branches": branches, "layers": layers}
 
 
 def analyse_case(
@@ -421,9 +413,9 @@ def analyse_case(
         metrics = _map_metrics(entry, array, descriptor, tokens, layout)
         metrics["same_queries"] = entry["same_queries"]
         maps.append(metrics)
-    routing = _routing(descriptor, run, sample)
-    if routing:
-        branch_of = descriptor["routing"].get("map_branch", {})
+    choices = _branch_choices(descriptor, run, sample)
+    if choices:
+        branch_of = descriptor[BRANCH_CHOICES].get("map_branch", {})
         for m in maps:
             m["branch"] = branch_of.get(m["output"])
     return {
@@ -434,7 +426,7 @@ def analyse_case(
         "maps": maps,
         "specialisation": _specialisation(descriptor, run, maps, sample, threshold),
         "gates": _gates(descriptor, run, sample),
-        "routing": routing,
+        BRANCH_CHOICES: choices,
     }
 
 
@@ -499,13 +491,15 @@ def analyse(
         has_grid_maps = any(m["keys"] != "latents" for m in case["maps"])
         if note and has_grid_maps:
             notes.append(f"case {case['case']}: {note}")
-    routing_table = None
-    if descriptor.get("routing"):
-        routing_table = {
-            "mode": descriptor["routing"]["mode"],
-            "branches": descriptor["routing"]["branches"],
-            "rows": [{"case": c["case"], "chosen": [entry["chosen"] for entry in c["routing"]["layers"]],
-                      "ran": [entry.get("ran") for entry in c["routing"]["layers"]]}
+    branch_table = None
+    if descriptor.get(BRANCH_CHOICES):
+        described = descriptor[BRANCH_CHOICES]
+        branch_table = {
+            "mode": described["mode"],
+            "branches": described["branches"],
+            "rows": [{"case": c["case"],
+                      "chosen": [entry["chosen"] for entry in c[BRANCH_CHOICES]["layers"]],
+                      "ran": [entry.get("ran") for entry in c[BRANCH_CHOICES]["layers"]]}
                      for c in cases],
         }
     result = {
@@ -518,7 +512,7 @@ def analyse(
         "sample": sample,
         "threshold": threshold,
         "cases": cases,
-        "routing_table": routing_table,
+        "routing_table": branch_table,
         "sweep": analyse_sweep(descriptor, sweep, sample=sample) if sweep_ok else None,
         "warnings": notes,
     }

@@ -34,3 +34,22 @@ def unknown_choice(kind: str, value: str, choices, *, flag: str | None = None) -
     listed = ", ".join(sorted(choices))
     hint = f"pass one of them{' with ' + flag if flag else ''}"
     return UserError(f"unknown {kind} {value!r}; valid {kind}s: {listed}", hint=hint)
+
+
+#: Install hints per optional module, shown when it is missing.
+INSTALL_HINTS = {
+    "onnxruntime": "pip install 'qcrun[ort]' (or 'qcrun[ort-gpu]' on a CUDA host)",
+    "openvino": "pip install 'qcrun[openvino]'",
+    "onnx": "pip install 'qcrun[reference]'",
+}
+
+
+def import_engine(module: str):
+    """Import an optional engine module, or raise a UserError with the install hint."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        hint = INSTALL_HINTS.get(module, f"pip install {module}")
+        raise UserError(f"{module} is not importable ({e})", hint=hint) from None

@@ -27,7 +27,7 @@ def _umask() -> int:
     return mask
 
 
-def stage(path: str | os.PathLike, data: bytes) -> Path:
+def write_temp(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temporary sibling of ``path``; the caller renames it into place."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -48,7 +48,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Replace ``path`` with ``data`` (text is written as UTF-8) in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stage(path, data.encode() if isinstance(data, str) else data)
+    tmp = write_temp(path, data.encode() if isinstance(data, str) else data)
     try:
         os.replace(tmp, path)
     except BaseException:

@@ -29,17 +29,17 @@ count says it is not exact. Needs the ``onnx`` package (imported here, lazily).
 from __future__ import annotations
 
 import ast
-import json
 import math
 import operator
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qcrun.errors import UserError
-from qcrun.targets import import_engine
+from qcrun import engines
+from qcrun.engines.base import ObservedShapes
+from qcrun.errors import import_engine
+from qcrun.graphs import load_graph_only, walk_graphs
 
 Shape = tuple[int, ...]
 
@@ -220,35 +220,11 @@ class FlopCount:
         )
 
 
-@dataclass
-class ObservedShapes:
-    """Real shapes from one run: tensor name -> shape, and the names of the nodes that ran."""
-
-    tensors: dict[str, Shape]
-    executed: set[str]
-    ambiguous: set[str] = field(default_factory=set)  # node names used more than once
-
-    def ran(self, graph) -> bool:
-        """Whether any node of ``graph`` (not counting its subgraphs) ran."""
-        return any(n.name in self.executed and n.name not in self.ambiguous for n in graph.node)
-
-
 # --- shapes ----------------------------------------------------------------------------------
 
 
 def _onnx():
     return import_engine("onnx")
-
-
-def load_graph_only(model) -> Any:
-    """An onnx ModelProto without its external weights (only their shapes are needed)."""
-    onnx = _onnx()
-    if isinstance(model, onnx.ModelProto):
-        return model
-    path = Path(model)
-    if not path.is_file():
-        raise UserError(f"model file {path} does not exist", stage="flops")
-    return onnx.load(str(path), load_external_data=False)
 
 
 _BINOPS = {
@@ -355,59 +331,10 @@ def _graph_shapes(graph, symbols) -> dict[str, Shape]:
 
 
 def observe_shapes(model_path: str | Path, feed: Mapping[str, Any]) -> ObservedShapes:
-    """Run the model once in onnxruntime (CPU, optimisations off, so every node keeps its name
-    and its tensors) and read each node's real output shapes from the profiling trace."""
-    ort = import_engine("onnxruntime")
-    onnx = _onnx()
-    model = load_graph_only(model_path)
-    outputs_of: dict[str, list[str]] = {}
-    duplicated: set[str] = set()
-    for graph in _all_graphs(onnx, model.graph):
-        for node in graph.node:
-            if node.name in outputs_of:
-                duplicated.add(node.name)
-            outputs_of[node.name] = [o for o in node.output if o]
-    with tempfile.TemporaryDirectory(prefix="qcrun-shapes-") as tmp:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "shapes")
-        session = ort.InferenceSession(
-            str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
-        session.run(None, dict(feed))
-        trace = json.loads(Path(session.end_profiling()).read_text())
-    tensors: dict[str, Shape] = {
-        name: tuple(int(d) for d in getattr(value, "shape", ())) for name, value in feed.items()
-    }
-    executed: set[str] = set()
-    for event in trace:
-        name = event.get("name", "")
-        if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
-            continue
-        node = name[: -len("_kernel_time")]
-        executed.add(node)
-        if node in duplicated or node not in outputs_of:
-            continue
-        shapes = [
-            tuple(int(d) for d in next(iter(entry.values())))
-            for entry in event.get("args", {}).get("output_type_shape", [])
-        ]
-        if len(shapes) == len(outputs_of[node]):
-            tensors.update(zip(outputs_of[node], shapes, strict=True))
-    return ObservedShapes(tensors, executed, duplicated)
-
-
-def _all_graphs(onnx, graph):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(onnx, attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_graphs(onnx, sub)
+    """Run the model once (on the first engine here that observes shapes: onnxruntime with
+    optimisations off, so every node keeps its name and its tensors) and read each node's real
+    output shapes."""
+    return engines.observe_shapes(model_path, feed)
 
 
 # --- counting --------------------------------------------------------------------------------
@@ -564,7 +491,7 @@ def _where(where: str, name: str) -> str:
 
 
 def _counts_any(onnx, graph) -> bool:
-    return any(n.op_type in COUNTED_OPS for g in _all_graphs(onnx, graph) for n in g.node)
+    return any(n.op_type in COUNTED_OPS for g, _ in walk_graphs(graph) for n in g.node)
 
 
 def _count_node(node, shapes: Mapping[str, Shape]) -> int | None:

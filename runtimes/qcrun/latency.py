@@ -390,32 +390,78 @@ def synthetic_feed(
     seed: int = 0,
     template: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Seeded inputs at ``sizes``: floats standard normal, booleans all True (a random mask
-    could hide every key), integers zeros (a valid token id), 0-d values from ``template``
-    (e.g. a golden case, so a run-time count such as Matryoshka's m keeps a realistic value)
-    or 1; integer inputs with a template are filled from the template's value range."""
-    rng = np.random.default_rng(seed)
-    shapes = input_shapes(
-        inputs, sizes, {k: np.shape(v) for k, v in (template or {}).items()}
-    )
-    feed = {}
-    for spec in inputs:
-        name, shape = spec["name"], shapes[spec["name"]]
-        dtype = np.dtype(spec.get("dtype") or "float32")
-        ref = None if template is None else template.get(name)
-        if dtype.kind == "f":
-            feed[name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind == "b":
-            feed[name] = np.ones(shape, dtype=dtype)
-        elif not shape:
-            value = np.asarray(ref).item() if ref is not None else 1
-            feed[name] = np.array(value, dtype=dtype)
-        elif ref is not None and np.size(ref):
-            low, high = int(np.min(ref)), int(np.max(ref)) + 1
-            feed[name] = rng.integers(low, max(high, low + 1), size=shape).astype(dtype)
-        else:
-            feed[name] = np.zeros(shape, dtype=dtype)
-    return feed
+    """Seeded inputs at ``sizes`` by qcrun's one input rule (:func:`qcrun.inputs.make_inputs`):
+    other axes and 0-d values from ``template`` (e.g. a golden case, so a run-time count such
+    as a query count keeps a realistic value), integers within the template's values or the
+    input's recorded range, masks with the first position kept."""
+    from qcrun.inputs import make_inputs
+
+    return make_inputs(inputs, sizes, seed, template=template)
+
+
+def synthetic_feeds(model) -> Callable[[Any, SweepPoint], dict[str, np.ndarray]]:
+    """``feeds(manifest, point)`` of seeded synthetic inputs for a checked model directory
+    (``qcrun.files.ModelDir``), with its first golden case as the template of the other axes."""
+    template = golden_template(model)
+
+    def feeds(manifest, point):
+        return synthetic_feed(manifest.input_specs(), point.as_dict(), seed=0,
+                              template=template)
+
+    return feeds
+
+
+def golden_template(model) -> dict[str, np.ndarray] | None:
+    """The first golden case's inputs, if the model has a readable golden set: they give the
+    sizes of axes that are not swept and values such as Matryoshka's m."""
+    from qcrun.files import MANIFEST_FILE
+    from qcrun.golden import load_golden
+
+    directory = model.golden_dir()
+    if directory is None or not (directory / MANIFEST_FILE).is_file():
+        return None
+    try:
+        golden = load_golden(directory)
+    except UserError:
+        return None
+    return golden.cases[0].inputs if golden.cases else None
+
+
+def input_memory_bound() -> int:
+    """The most bytes one profiled shape's inputs may take: an eighth of this machine's memory
+    (the model's activations and the engine's buffers are several times the inputs), at most
+    4 GiB."""
+    import os
+
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = 16 << 30
+    return min(total // 8, 4 << 30)
+
+
+def check_input_memory(inputs: Sequence[InputSpec], points: Sequence[SweepPoint]) -> None:
+    """Refuse a sweep point whose inputs alone exceed ``input_memory_bound``, naming the flag
+    that asked for it, before any array is allocated."""
+    bound = input_memory_bound()
+    for point in points:
+        shapes = input_shapes(inputs, point.as_dict())
+        size = 0
+        for spec in inputs:
+            count = 1
+            for dim in shapes[spec["name"]]:
+                count *= dim
+            size += count * np.dtype(spec.get("dtype") or "float32").itemsize
+        if size > bound:
+            flags = ", ".join(f"--{k}" if k in ("batch", "tokens") else f"--axis {k}=..."
+                              for k, v in point.sizes if v > 1)
+            raise UserError(
+                f"the inputs at {point.label()} would take {size / 2**30:.3g} GiB, over the "
+                f"bound of {bound / 2**30:.3g} GiB per shape (1/8 of this machine's memory, at "
+                "most 4 GiB)",
+                stage="profile",
+                hint=f"lower {flags or 'the swept sizes'}",
+            )
 
 
 # --- growth ----------------------------------------------------------------------------------

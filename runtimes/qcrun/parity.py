@@ -26,10 +26,7 @@ The dtype is recorded but does not decide: an fp16 engine that returns fp32 is j
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import platform
-import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -38,10 +35,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from qcrun.adapters import LoadFailed, RunFailed, TargetUnavailable, adapter_for
+from qcrun import machine
+from qcrun.engines import LoadFailed, RunFailed, TargetUnavailable, adapter_for, availability
 from qcrun.errors import UserError, unknown_choice
 from qcrun.golden import GoldenSet
-from qcrun.targets import PRECISIONS, TOLERANCE_FIELDS, Target, availability, get_target
+from qcrun.targets import PRECISIONS, TOLERANCE_FIELDS, Target, get_target
 
 #: Floor on |expected| in max_rel, so that an expected 0 does not divide by zero. It only
 #: affects the reported max_rel; the verdict uses the allclose bound above.
@@ -441,19 +439,7 @@ class Record:
 
 def environment() -> dict[str, Any]:
     """Where the report was made: python, platform, and the versions of the engines present."""
-    versions = {}
-    for dist in ("qcrun", "numpy", "onnxruntime", "onnxruntime-gpu", "openvino", "onnx"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return {
-        "python": platform.python_version(),
-        "implementation": sys.implementation.name,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "versions": versions,
-    }
+    return machine.software()
 
 
 @dataclass
@@ -752,11 +738,12 @@ def _not_run(target: Target, golden: GoldenSet, reason: str, code: str, required
 def _run_target(
     model_path, golden, target, policy, precision, *, required, attention_form, options
 ) -> list[Record]:
-    if precision not in target.precisions:
-        runs = ", ".join(target.precisions)
-        reason = f"{target.name} does not run {precision} models (it runs {runs})"
+    refusals = {r.code: r for r in target.refusals(precision=precision,
+                                                    attention=attention_form)}
+    if "precision" in refusals:  # "it does not run ..." said of the target by name
+        reason = f"{target.name} {refusals['precision'].reason.removeprefix('it ')}"
         return _not_run(target, golden, reason, "precision", required)
-    if attention_form is not None and not target.accepts_attention(attention_form):
+    if "attention-form" in refusals:
         reason = (
             f"the model uses attention form {attention_form!r}, which {target.name} cannot run "
             f"(it accepts {', '.join(target.attention_forms)}); re-export it with "
@@ -845,13 +832,13 @@ def kernel_parity(
     """
     reference = get_target(REFERENCE_TARGET)
     ok, _ = availability(reference)
-    if not ok or (attention_form and attention_form not in reference.attention_forms):
+    if not ok or reference.refusals(attention=attention_form):
         return None
     # Kernel error is measured where a runtime runs this model; whether a requested target
     # ran at all is the golden report's verdict, so one that cannot is left out here.
     others = [t for t in map(get_target, targets)
-              if t.name != REFERENCE_TARGET and precision in t.precisions
-              and (attention_form is None or t.accepts_attention(attention_form))
+              if t.name != REFERENCE_TARGET
+              and not t.refusals(precision=precision, attention=attention_form)
               and availability(t)[0]]
     if not others:
         return None

@@ -8,6 +8,12 @@ silently ignored is a check that never ran) and :func:`dump` is its one inverse.
 recorded in such a file goes through :func:`inside`, so no manifest can make a reader open a
 file outside its own directory.
 
+A dataclass may also carry ``WRITE_NULLS = True`` (optional fields at None are written as
+null instead of left out) and ``DERIVED``, a mapping of JSON key -> function of the instance
+for values computed from the fields (statistics, totals): :func:`dump` writes them after the
+fields, for readers of the JSON, and :func:`parse` accepts and ignores them, since they are
+computed again from the fields.
+
 A schema names its version field and the versions it reads with the class attributes
 ``VERSION_KEY`` and ``VERSIONS``; the version is checked before anything else, so a file
 written by a newer tool says so instead of listing the keys this reader does not know.
@@ -148,13 +154,17 @@ def dump(obj) -> dict:
 
 def _dump(value):
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        cls = type(value)
+        nulls = getattr(cls, "WRITE_NULLS", False)
         out = {}
         for f in dataclasses.fields(value):
             item = getattr(value, f.name)
             # An optional field left at None is written as absent, as the writers always did.
-            if item is None and f.default is None:
+            if item is None and f.default is None and not nulls:
                 continue
             out[_key(f)] = _dump(item)
+        for key, compute in getattr(cls, "DERIVED", {}).items():
+            out[key] = _dump(compute(value))
         return out
     if isinstance(value, dict):
         return {str(k): _dump(v) for k, v in value.items()}
@@ -303,13 +313,25 @@ def _convert(tp, value: object, path: str, depth: int):
     if origin is dict:
         if not isinstance(value, dict):
             raise wrong()
-        _, item = typing.get_args(tp) or (str, Any)
-        return {k: _convert(item, v, _join(path, k), depth + 1) for k, v in value.items()}
+        key_type, item = typing.get_args(tp) or (str, Any)
+        return {_dict_key(key_type, k, path): _convert(item, v, _join(path, k), depth + 1)
+                for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise wrong()
         return _convert_dataclass(tp, value, path, depth)
     raise TypeError(f"schema type {tp!r} is not supported by qcrun.schema")  # a bug, not input
+
+
+def _dict_key(key_type, key: str, path: str):
+    """A JSON object key as the dict's key type: JSON keys are strings, ``dict[int, ...]``
+    keys are written as their decimal text."""
+    if key_type is int:
+        try:
+            return int(key)
+        except ValueError:
+            raise _Invalid(_join(path, key), f"key {key!r} is not an integer") from None
+    return key
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -325,7 +347,8 @@ def _convert_dataclass(cls, value: dict, path: str, depth: int):
     hints = _hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
     by_key = {_key(f): f for f in fields}
-    unknown = [k for k in value if k not in by_key]
+    derived = getattr(cls, "DERIVED", {})
+    unknown = [k for k in value if k not in by_key and k not in derived]
     if unknown:
         known = ", ".join(sorted(by_key))
         where = f" in {path}" if path else ""

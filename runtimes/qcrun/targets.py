@@ -2,16 +2,14 @@
 
 A target is data, not code: adding one is adding a ``Target`` to ``_TARGETS``. Adapters read the
 engine, device, providers and options from it; the exporter reads the attention forms and the
-opset it accepts; the tolerance policy reads its overrides. ``availability`` says whether the
-target can run on this machine and, when it cannot, exactly why, so that an unavailable target
-is reported as skipped with a reason and never as passed.
-
-Engines are imported lazily (inside functions) because a device has only one of them installed.
+opset it accepts; the tolerance policy reads its overrides. ``Target.refusals`` is the one
+answer to "does this target accept this model". Whether a target can run on this machine is
+its engine's question (``qcrun.engines.availability``): this module names engines and never
+imports one.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,36 +19,22 @@ from typing import Any
 
 from qcrun.errors import UserError, unknown_choice
 
-ENGINES = ("onnxruntime", "openvino", "onnx-reference")
 ATTENTION_FORMS = ("onnx", "ort", "decomposed")
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 TOLERANCE_FIELDS = ("max_abs", "max_rel", "min_cosine")
 
-#: Install hints per importable module, shown when it is missing.
-INSTALL_HINTS = {
-    "onnxruntime": "pip install 'qcrun[ort]' (or 'qcrun[ort-gpu]' on a CUDA host)",
-    "openvino": "pip install 'qcrun[openvino]'",
-    "onnx": "pip install 'qcrun[reference]'",
-}
-
-# A serialized ONNX model (ir 8, opset 13, y = Identity(x), x: float[1]) used to probe whether
-# an execution provider really attaches to a session. It is embedded as bytes so that probing
-# needs neither the onnx package nor a model file; tests rebuild it with onnx.helper and compare.
-PROBE_MODEL = bytes.fromhex(
-    "08081205716372756e3a3b0a100a017812017922084964656e74697479120570726f62655a0f0a0178120a"
-    "0a08080112040a020801620f0a0179120a0a08080112040a02080142040a00100d"
-)
-
 _CPU_EP = "CPUExecutionProvider"
-_CUDA_EP = "CUDAExecutionProvider"
 _TRT_EP = "TensorrtExecutionProvider"
+_CUDA_EP = "CUDAExecutionProvider"
 
-_GPU_PROVIDER_HINTS = {
-    _CUDA_EP: "install onnxruntime-gpu on a CUDA host (pip install 'qcrun[ort-gpu]' after "
-    "uninstalling onnxruntime)",
-    _TRT_EP: "install onnxruntime-gpu built with TensorRT, and the TensorRT libraries "
-    "(JetPack on Jetson)",
-}
+
+@dataclass(frozen=True)
+class Refusal:
+    """One reason a target cannot run a model: ``code`` (attention-form, opset, precision)
+    for records, ``reason`` in words ("it does not run int8-dynamic models (...)")."""
+
+    code: str
+    reason: str
 
 
 def _frozen(mapping: Mapping | None) -> Mapping:
@@ -83,8 +67,6 @@ class Target:
     )
 
     def __post_init__(self):
-        if self.engine not in ENGINES:
-            raise ValueError(f"target {self.name}: engine {self.engine!r} not in {ENGINES}")
         bad_forms = set(self.attention_forms) - set(ATTENTION_FORMS)
         if bad_forms or not self.attention_forms:
             raise ValueError(f"target {self.name}: bad attention forms {self.attention_forms}")
@@ -106,6 +88,28 @@ class Target:
 
     def accepts_attention(self, form: str) -> bool:
         return form in self.attention_forms
+
+    def refusals(self, *, attention: str | None = None, opset: int | None = None,
+                 precision: str | None = None) -> list[Refusal]:
+        """Why this target cannot run a model of this attention form, opset and precision
+        (unknown ones are not judged); empty when it can."""
+        found = []
+        if attention and not self.accepts_attention(attention):
+            found.append(Refusal("attention-form", f"it does not read the {attention!r} "
+                                 f"attention form (it reads {', '.join(self.attention_forms)})"))
+        if opset and int(opset) > self.max_opset:
+            found.append(Refusal("opset", f"it reads opsets up to {self.max_opset}, the model "
+                                 f"is opset {opset}"))
+        if precision and precision not in self.precisions:
+            found.append(Refusal("precision", f"it does not run {precision} models (it runs "
+                                 f"{', '.join(self.precisions)})"))
+        return found
+
+    def incompatibility(self, *, attention: str | None = None, opset: int | None = None,
+                        precision: str | None = None) -> str | None:
+        """``refusals`` in one sentence, or None when this target accepts the model."""
+        found = self.refusals(attention=attention, opset=opset, precision=precision)
+        return "; ".join(r.reason for r in found) or None
 
     @property
     def needs_profile_shapes(self) -> bool:
@@ -240,98 +244,14 @@ def get_target(name: str | Target) -> Target:
         raise unknown_choice("target", name, _TARGETS, flag="--target") from None
 
 
-def import_engine(module: str):
-    """Import an optional engine module, or raise a UserError with the install hint."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        hint = INSTALL_HINTS.get(module, f"pip install {module}")
-        raise UserError(f"{module} is not importable ({e})", hint=hint) from None
+def __getattr__(name: str):
+    # ``availability`` moved to qcrun.engines (engines import this module, so it cannot import
+    # them at load): kept here for the importers not yet moved, resolved on first use.
+    if name == "availability":
+        from qcrun.engines import availability
 
-
-def availability(target: str | Target) -> tuple[bool, str]:
-    """Whether ``target`` can run here, and why (or why not), in words a user can act on."""
-    target = get_target(target)
-    if target.engine == "onnxruntime":
-        return _ort_availability(target)
-    if target.engine == "openvino":
-        return _openvino_availability(target)
-    return _reference_availability()
-
-
-def _missing(module: str, error: Exception) -> tuple[bool, str]:
-    return False, f"{module} is not importable ({error}); install it with {INSTALL_HINTS[module]}"
-
-
-def _ort_availability(target: Target) -> tuple[bool, str]:
-    try:
-        ort = importlib.import_module("onnxruntime")
-    except ImportError as e:
-        return _missing("onnxruntime", e)
-    installed = list(ort.get_available_providers())
-    version = getattr(ort, "__version__", "?")
-    for provider in target.providers:
-        if provider not in installed:
-            return False, (
-                f"onnxruntime {version} has no {provider} (installed: {', '.join(installed)}); "
-                f"{_GPU_PROVIDER_HINTS.get(provider, 'install an onnxruntime build with it')}"
-            )
-    if not target.accelerator_providers:
-        return True, f"onnxruntime {version} with {', '.join(target.providers)}"
-    # onnxruntime-gpu lists CUDA even when libcudart / cuDNN cannot be loaded, and then quietly
-    # builds a CPU-only session: only a real session tells the truth.
-    try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(
-            PROBE_MODEL, sess_options=options, providers=list(target.providers)
-        )
-        attached = list(session.get_providers())
-    except Exception as e:  # the engine's own failure is the reason we report
-        return False, f"onnxruntime could not create a {target.providers[0]} session: {e}"
-    for provider in target.accelerator_providers:
-        if provider not in attached:
-            return False, (
-                f"onnxruntime lists {provider} but a session fell back to "
-                f"{', '.join(attached)}; its libraries (CUDA, cuDNN, TensorRT) are missing or "
-                "do not match this onnxruntime-gpu build: check LD_LIBRARY_PATH and the "
-                "onnxruntime log"
-            )
-    return True, f"onnxruntime {version} with {', '.join(attached)}"
-
-
-def _openvino_availability(target: Target) -> tuple[bool, str]:
-    try:
-        ov = importlib.import_module("openvino")
-    except ImportError as e:
-        return _missing("openvino", e)
-    try:
-        devices = list(ov.Core().available_devices)
-    except Exception as e:  # the engine's own failure is the reason we report
-        return False, f"OpenVINO could not list devices: {e}"
-    version = getattr(ov, "__version__", "?").split("-")[0]
-    matching = [d for d in devices if d == target.device or d.startswith(f"{target.device}.")]
-    if not matching:
-        hint = (
-            "install the Intel GPU compute runtime (intel-opencl-icd, level-zero) and add the "
-            "user to the render group"
-            if target.device == "GPU"
-            else "check the OpenVINO installation"
-        )
-        return False, (
-            f"OpenVINO {version} sees no {target.device} device "
-            f"(available: {', '.join(devices) or 'none'}); {hint}"
-        )
-    return True, f"OpenVINO {version} on {', '.join(matching)}"
-
-
-def _reference_availability() -> tuple[bool, str]:
-    try:
-        onnx = importlib.import_module("onnx")
-        importlib.import_module("onnx.reference")
-    except ImportError as e:
-        return _missing("onnx", e)
-    return True, f"onnx {getattr(onnx, '__version__', '?')} ReferenceEvaluator"
+        return availability
+    raise AttributeError(f"module 'qcrun.targets' has no attribute {name!r}")
 
 
 # --- TensorRT --------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from qcrun.golden import file_sha256, load_golden
 from qcrun.parity import TolerancePolicy
 from qcrun.targets import PRECISIONS, availability, target_names
 
-from qcexport.bundle import make_bundle, output_paths, parse_profile
+from qcexport.bundle import make_bundle, output_paths, parse_shape_ranges
 from qcexport.cli import main as qcexport_main
 from qcexport.golden import golden_dir
 
@@ -264,7 +264,7 @@ def test_a_model_changed_after_export_is_refused(tmp_path, qformer_dir, corrupt)
 
 
 def test_option_parsing():
-    assert parse_profile(["tokens=1:257:1025", "batch=1:1:8"]) == {
+    assert parse_shape_ranges(["tokens=1:257:1025", "batch=1:1:8"]) == {
         "tokens": (1, 257, 1025), "batch": (1, 1, 8)}
     assert output_paths("q.bundle", archive=True)[0].name == "q.bundle.tar.gz"
     assert output_paths("q.bundle.tar.gz", archive=True) == (

@@ -156,9 +156,14 @@ def test_random_feed_and_sweep_feeds():
              {"name": "mask", "dtype": "bool", "shape": ["batch", "tokens"]},
              {"name": "ids", "dtype": "int64", "shape": ["batch", "text"]},
              {"name": "m", "dtype": "int64", "shape": []}]
+    specs[2]["range"] = {"min": 3, "max": 5}
+    descriptor["example_sizes"] = {"batch": 1, "tokens": 49, "text": 8}
     feed = random_feed(specs, descriptor, sizes={"tokens": 50})
     assert feed["x"].shape == (1, 50, 5) and feed["x"].dtype == np.float32
-    assert feed["mask"].all() and feed["ids"].shape == (1, 8) and (feed["ids"] == 1).all()
+    # masks keep their first position; integers stay in their recorded range
+    assert feed["mask"][:, 0].all() and feed["mask"].dtype == bool
+    assert feed["ids"].shape == (1, 8)  # the example's text length
+    assert feed["ids"].min() >= 3 and feed["ids"].max() <= 5
     assert feed["m"].shape == () and int(feed["m"]) == 4
     values = [(v, int(f["m"])) for v, f in sweep_feeds(descriptor, feed)]
     assert values == [(1, 1), (2, 2), (4, 4)]

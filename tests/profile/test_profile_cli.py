@@ -12,11 +12,12 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from qcrun.cli import main as qcrun_main
+from qcrun.engines import availability
 from qcrun.errors import UserError
 from qcrun.files import read_model_dir
 from qcrun.latency import SweepPoint
 from qcrun.profile import ProfileReport
-from qcrun.targets import availability, list_targets
+from qcrun.targets import list_targets
 
 from qcexport.cli import main as qcexport_main
 from qcexport.commands.profile import spec_feeds

@@ -8,10 +8,10 @@ import re
 import xml.etree.ElementTree as ET
 
 import pytest
+from qcrun.engines import availability
 from qcrun.latency import sweep_points, synthetic_feed
 from qcrun.profile import ProfileReport, profile_model
 from qcrun.report_html import render_html
-from qcrun.targets import availability
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -9,9 +9,10 @@ import os
 import pytest
 from click.testing import CliRunner
 from qcrun import files
-from qcrun.cli import input_memory_bound
 from qcrun.cli import main as qcrun_main
-from qcrun.targets import availability, list_targets
+from qcrun.engines import availability
+from qcrun.latency import input_memory_bound
+from qcrun.targets import list_targets
 
 FAST = ["--runs", "3", "--warmup", "1", "--op-runs", "0", "--gemm-sizes", "0"]
 

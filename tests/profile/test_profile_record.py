@@ -8,7 +8,8 @@ import os
 import time
 
 import pytest
-from qcrun.adapters import OrtAdapter
+from qcrun.engines import availability
+from qcrun.engines.ort import OrtAdapter
 from qcrun.errors import UserError
 from qcrun.latency import SweepPoint, percentile, sweep_points, synthetic_feed
 from qcrun.profile import (
@@ -18,7 +19,6 @@ from qcrun.profile import (
     parse_scopes,
     profile_model,
 )
-from qcrun.targets import availability
 
 OPENVINO = pytest.mark.skipif(not availability("openvino-cpu")[0],
                               reason=availability("openvino-cpu")[1])

@@ -7,16 +7,10 @@ import onnx
 import onnxruntime
 import pytest
 from onnx import TensorProto, helper
-from qcrun.adapters import (
-    LoadFailed,
-    OpenVinoAdapter,
-    OrtAdapter,
-    ReferenceAdapter,
-    TargetUnavailable,
-    TensorInfo,
-    adapter_for,
-    open_adapter,
-)
+from qcrun.engines import LoadFailed, TargetUnavailable, TensorInfo, adapter_for, open_adapter
+from qcrun.engines.ort import OrtAdapter
+from qcrun.engines.ov import OpenVinoAdapter
+from qcrun.engines.reference import ReferenceAdapter
 from qcrun.errors import UserError
 
 CPU_TARGETS = ("ort-cpu", "openvino-cpu", "onnx-reference")
@@ -158,7 +152,7 @@ def test_openvino_accuracy_hint_is_set(linear):
 
 
 def test_unavailable_target_says_why(linear):
-    from qcrun.targets import availability
+    from qcrun.engines import availability
 
     ok, reason = availability("ort-cuda")
     if ok:  # a CUDA host: the session really runs on CUDA

@@ -12,8 +12,9 @@ import onnxruntime
 import pytest
 from click.testing import CliRunner
 from qcrun.cli import main
+from qcrun.engines import availability
 from qcrun.parity import ParityReport
-from qcrun.targets import availability, target_names
+from qcrun.targets import target_names
 
 
 def invoke(*args):

@@ -13,10 +13,10 @@ import xml.etree.ElementTree as ET
 import pytest
 from click.testing import CliRunner
 from qcrun.cli import main
+from qcrun.engines import availability
 from qcrun.errors import UserError
 from qcrun.golden import load_golden
 from qcrun.parity import ParityReport, name_list, required_targets, run_parity
-from qcrun.targets import availability
 
 GPU_TARGETS = ["ort-cuda", "openvino-gpu"]
 

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime
 import pytest
 from onnx import TensorProto, helper
+from qcrun.engines import availability
 from qcrun.errors import UserError
 from qcrun.golden import load_golden
 from qcrun.parity import (
@@ -21,7 +22,6 @@ from qcrun.parity import (
     compare,
     run_parity,
 )
-from qcrun.targets import availability
 
 CPU_TARGETS = ("ort-cpu", "openvino-cpu", "onnx-reference")
 FP32 = DEFAULT_TOLERANCES["fp32"]

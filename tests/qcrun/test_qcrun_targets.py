@@ -9,10 +9,10 @@ import onnxruntime
 import openvino
 import pytest
 from onnx import TensorProto, helper
+from qcrun.engines import availability
+from qcrun.engines.ort import PROBE_MODEL
 from qcrun.errors import UserError
 from qcrun.targets import (
-    PROBE_MODEL,
-    availability,
     axis_ranges_from_shapes,
     default_cache_dir,
     get_target,

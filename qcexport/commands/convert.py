@@ -1,0 +1,210 @@
+"""``qcexport convert``: export a mechanism, your own module or a Hugging Face component to
+ONNX, lowered, simplified, checked and verified (then quantized with --precision)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from qcrun.clikit import json_flag_option
+from qcrun.errors import UserError
+from qcrun.targets import target_names
+
+from qcexport.commands.quantize import quantize_and_report
+from qcexport.commands.sources import load_factory, load_hf, output_names
+
+ATTENTION_CHOICES = ("auto", "onnx", "ort", "decomposed")
+
+
+@click.command("convert")
+@click.argument("name", required=False)
+@click.option("--all", "all_", is_flag=True, help="Convert every registered mechanism.")
+@click.option("--module", "factory", metavar="PKG.MOD:FACTORY",
+              help="Convert your own module: FACTORY() returns (module, example_inputs, "
+              "dynamic_axes).")
+@click.option("--preset", default="tiny", show_default=True, help="tiny or base.")
+@click.option("--target", default="ort-cpu", show_default=True,
+              help=f"Where the model will run: {', '.join(target_names())}.")
+@click.option("--attention", default="auto", show_default=True,
+              help="Attention form: auto (from the target), onnx, ort or decomposed.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: 23, or 17 decomposed).")
+@click.option("--precision", default="fp32", show_default=True,
+              help="fp32, fp16, int8-dynamic or int8-static (the fp32 model is kept in DIR/fp32).")
+@click.option("-o", "--output", "output", type=click.Path(), default=None,
+              help="Output directory (with --all: one subdirectory per mechanism).")
+@json_flag_option("Print the result as JSON only.")
+@click.option("--with-attention-maps", "with_maps", is_flag=True,
+              help="Also output every layer's cross-attention maps (and gate diagnostics), for "
+              "`qcexport inspect` and `qcrun inspect`; the regular outputs are unchanged.")
+@click.option("--map-heads", type=click.Choice(["mean", "each"]), default="mean",
+              show_default=True,
+              help="With --with-attention-maps: averaged over heads or per head.")
+@click.option("--outputs", "outputs", default=None, metavar="A,B",
+              help="With --module: keep only these outputs (by path name, e.g. "
+              "last_hidden_state,hidden_states.3; default: every tensor the module returns).")
+@click.option("--hf", "hf_path", metavar="PATH_OR_ID",
+              help="Convert a Hugging Face component (with --component) from a save_pretrained "
+              "directory or hub id.")
+@click.option("--component", default=None,
+              help="With --hf: the component to take (qcexport list --hf).")
+def convert(name, all_, factory, preset, target, attention, opset, precision, output, as_json,
+            with_maps, map_heads, outputs, hf_path, component):
+    """Export NAME (or --all, --module, --hf) to ONNX, lowered, simplified, checked, verified."""
+    _check_arguments(name, all_, factory, hf_path, component, target, attention, precision,
+                     with_maps, outputs)
+    progress = None if as_json else _progress
+    failures: list[str] = []
+    if factory or hf_path:
+        results = [_convert_custom(factory, hf_path, component, target, attention, opset,
+                                   precision, output, outputs, as_json, progress)]
+    else:
+        results, failures = _convert_mechanisms(name, all_, preset, target, attention, opset,
+                                                precision, output, as_json, with_maps,
+                                                map_heads, progress)
+    if as_json:
+        click.echo(json.dumps(results if all_ else results[0] if results else {}, indent=2))
+    if failures:
+        click.echo(f"\n{len(failures)} of {len(failures) + len(results)} conversions failed:",
+                   err=True)
+        for f in failures:
+            click.echo(f"  {f.splitlines()[0]}", err=True)
+        sys.exit(1)
+    if all_ and not as_json:
+        click.echo(f"\nall {len(results)} mechanisms converted and verified")
+
+
+def _check_arguments(name, all_, factory, hf_path, component, target, attention, precision,
+                     with_maps, outputs) -> None:
+    """Every contradiction or unknown choice, as a clean error before any work."""
+    from qcrun.errors import unknown_choice
+
+    from qcexport import mechanisms
+    from qcexport.optimize import PRECISIONS, check_target_precision
+
+    chosen = sum(bool(x) for x in (name, all_, factory, hf_path))
+    if chosen != 1:
+        raise UserError("give exactly one of NAME, --all, --module or --hf",
+                        hint="e.g. `qcexport convert qformer`; mechanisms: "
+                        f"{', '.join(mechanisms.names())}")
+    if attention not in ATTENTION_CHOICES:
+        raise unknown_choice("attention form", attention, ATTENTION_CHOICES, flag="--attention")
+    if precision not in PRECISIONS:
+        raise unknown_choice("precision", precision, PRECISIONS, flag="--precision")
+    check_target_precision(target, precision)
+    custom = factory or hf_path
+    if component and not hf_path:
+        raise UserError("--component goes with --hf", hint="e.g. --hf DIR --component qformer")
+    if custom and with_maps:
+        raise UserError("--with-attention-maps works with the built-in mechanisms, not --module",
+                        hint="drop --with-attention-maps, or return maps as outputs of your module")
+    if outputs and not custom:
+        raise UserError("--outputs selects outputs of your own module (--module)",
+                        hint="drop --outputs; a mechanism's outputs come from its spec")
+
+
+def _convert_custom(factory, hf_path, component, target, attention, opset, precision, output,
+                    outputs, as_json, progress) -> dict[str, Any]:
+    """``--module`` or ``--hf``: one conversion, then the reduced precision if asked for."""
+    from qcexport.export import convert as convert_module
+
+    reduced = precision != "fp32"
+    out = Path(output or (f"out/{component}" if hf_path else "out/custom"))
+    options = dict(target=target, attention=attention, opset=opset, on_stage=progress,
+                   output_dir=out / "fp32" if reduced else out,
+                   output_names=output_names(outputs))
+    if hf_path:
+        from qcexport import hf
+
+        comp = load_hf(hf_path, component)
+        _header(f"{hf_path} ({component}) -> {out}", as_json)
+        result = hf.convert(None, comp, **options)
+    else:
+        module, example, axes = load_factory(factory)
+        _header(f"{factory} -> {out}", as_json)
+        result = convert_module(module, example, axes, **options,
+                                metadata={"mechanism": "custom", "factory": factory})
+    summary = _summary(result, as_json)
+    if reduced:
+        summary["precision"] = quantize_and_report(result.path.parent, precision, out, as_json)
+    return summary
+
+
+def _convert_mechanisms(name, all_, preset, target, attention, opset, precision, output,
+                        as_json, with_maps, map_heads,
+                        progress) -> tuple[list[dict[str, Any]], list[str]]:
+    """NAME or --all: the summaries and, with --all, the mechanisms that failed (reported
+    as they fail; the others go on)."""
+    from qcexport import mechanisms
+    from qcexport.export import convert_mechanism
+
+    reduced = precision != "fp32"
+    results: list[dict[str, Any]] = []
+    failures: list[str] = []
+    names = mechanisms.names() if all_ else [name]
+    mechanisms.get(names[0])  # unknown name: clean error before any work
+    for mech in names:
+        out = (Path(output) / f"{mech}-{preset}" if all_ and output else
+               Path(output) if output else Path("out") / f"{mech}-{preset}")
+        _header(f"{mech} ({preset}) -> {out}", as_json)
+        try:
+            result = convert_mechanism(mech, preset, target=target, attention=attention,
+                                       opset=opset, on_stage=progress, precision=precision,
+                                       with_attention_maps=with_maps,
+                                       attention_map_heads=map_heads,
+                                       output_dir=out / "fp32" if reduced else out)
+            summary = _summary(result, as_json)
+            if reduced:
+                summary["precision"] = quantize_and_report(result.path.parent, precision, out,
+                                                           as_json)
+        except UserError as exc:
+            if not all_:
+                raise
+            failures.append(f"{mech}: {exc}")
+            click.echo(f"error: {mech}: {exc}", err=True)
+            continue
+        results.append(summary)
+    return results, failures
+
+
+def _header(text: str, as_json: bool) -> None:
+    if not as_json:
+        click.echo(f"\n== {text}")
+
+
+def _progress(stage: str, seconds: float, detail: str) -> None:
+    click.echo(f"  {stage:<9} {seconds:7.2f} s  {detail}".rstrip())
+
+
+def _summary(result, as_json: bool) -> dict[str, Any]:
+    data = {
+        "path": str(result.path),
+        "attention": result.attention,
+        "opset": result.opset,
+        "fused_attention": {"expected": result.fused_expected, "found": result.fused_found,
+                            "sdpa_calls": result.sdpa_calls},
+        "attention_report": result.describe_attention(),
+        "outputs": result.output_names,
+        "constants": result.constants,
+        "verification": [dataclasses.asdict(r) for r in result.verification],
+        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+        "warnings": result.warnings,
+        "passed": result.passed,
+    }
+    if as_json:
+        return data
+    click.echo(f"  model     {result.path}  (opset {result.opset})")
+    click.echo(f"  attention {result.describe_attention()}")
+    click.echo(f"  outputs   {', '.join(result.output_names)}")
+    if result.constants:
+        click.echo("  fixed     " + ", ".join(f"{k}={v!r}" for k, v in result.constants.items()))
+    for r in result.verification:
+        verdict = "ok" if r.passed else "FAIL"
+        click.echo(f"  verify    {r.case:<16} {r.output:<16} {str(r.shape):<14} "
+                   f"max abs {r.max_abs:.2e}  cosine {r.cosine:.7f}  {verdict}")
+    for w in result.warnings:
+        click.echo(f"  warning   {w}")
+    return data
