@@ -83,6 +83,8 @@ def convert(
     preset: str = "tiny",
     metadata: Mapping[str, Any] | None = None,
     on_stage: StageCallback | None = None,
+    precision: str = "fp32",
+    **quantize_options: Any,
 ) -> ConvertResult:
     """Export a module to ``output_dir/model.onnx`` (with ``manifest.json``), verified.
 
@@ -100,34 +102,45 @@ def convert(
     ``output`` for a lone tensor), ``None`` leaves dropped. ``output_names`` keeps a subset.
 
     The model is verified against PyTorch eager in onnxruntime at the example shape and at
-    another size of every dynamic axis; only a verified model is written. Reduce its precision
-    afterwards with :func:`quantize`. Raises ``qcrun.errors.UserError`` naming the failing
-    stage.
+    another size of every dynamic axis; only a verified model is written. With another
+    ``precision`` (fp16, int8-dynamic, int8-static) the verified fp32 model goes to
+    ``output_dir/fp32`` and the reduced one, measured against it, to ``output_dir``
+    (``result.reduced``; ``quantize_options`` as for :func:`quantize`). Raises
+    ``qcrun.errors.UserError`` naming the failing stage.
     """
+    from qcrun.errors import UserError
+
+    from qcexport.export.mechanism import convert_mechanism
+    from qcexport.export.pipeline import convert as convert_module
+    from qcexport.optimize import at_precision
+
+    options = dict(target=target, attention=attention, opset=opset, on_stage=on_stage)
     if isinstance(module, str):
-        from qcexport.export.mechanism import convert_mechanism
-
         if example_inputs is not None or dynamic_axes is not None or output_names or constants:
-            from qcrun.errors import UserError
-
             raise UserError(f"{module!r} is a built-in mechanism: its inputs, axes and outputs "
                             "come from its spec", stage="convert",
                             hint="pass only the name (and preset=...), or pass an nn.Module")
-        return convert_mechanism(module, preset, target=target, attention=attention,
-                                 opset=opset, output_dir=output_dir, on_stage=on_stage)
-    from qcexport.export.pipeline import convert as convert_module
+        name = module
 
-    if example_inputs is None:
-        from qcrun.errors import UserError
+        def fp32(out: Path) -> ConvertResult:
+            return convert_mechanism(name, preset, output_dir=out, precision=precision,
+                                     **options)
 
-        raise UserError("example_inputs are needed to export a module", stage="convert",
-                        hint="pass {input name: example tensor} as called by forward")
-    return convert_module(
-        module, example_inputs, dynamic_axes, output_names=output_names, constants=constants,
-        target=target, attention=attention, opset=opset,
-        output_dir=output_dir or "out/model", on_stage=on_stage,
-        metadata={"mechanism": "custom", **(metadata or {})},
-    )
+        default = Path("out") / f"{name}-{preset}"
+    else:
+        if example_inputs is None:
+            raise UserError("example_inputs are needed to export a module", stage="convert",
+                            hint="pass {input name: example tensor} as called by forward")
+
+        def fp32(out: Path) -> ConvertResult:
+            return convert_module(module, example_inputs, dynamic_axes, output_dir=out,
+                                  output_names=output_names, constants=constants,
+                                  metadata={"mechanism": "custom", **(metadata or {})},
+                                  **options)
+
+        default = Path("out/model")
+    return at_precision(fp32, precision, output_dir or default, target=target,
+                        **quantize_options)
 
 
 def quantize(

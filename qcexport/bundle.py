@@ -39,8 +39,7 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,8 +62,8 @@ from qcrun.targets import (
 )
 
 from qcexport.export.pipeline import MANIFEST_FILE, MODEL_FILE
+from qcexport.stages import StageCallback, StageRunner
 
-StageCallback = Callable[[str, float, str], None]
 #: Not a host parity target by default: a slow pure-Python second opinion, not a runtime.
 NOT_HOST_BY_DEFAULT = ("onnx-reference",)
 _VERSIONED = ("qcexport", "qcrun", "torch", "onnx", "onnxscript", "onnxsim", "onnxruntime",
@@ -198,29 +197,14 @@ def make_bundle(
     bundle records (default qcrun's built-in policy; a model's manifest never sets it).
     """
     model_dir = Path(model_dir)
-    timings: dict[str, float] = {}
-
-    def stage(name: str, fn, *args, detail=lambda result: ""):
-        start = time.perf_counter()
-        try:
-            result = fn(*args)
-        except UserError as exc:
-            exc.stage = exc.stage or name
-            raise
-        timings[name] = time.perf_counter() - start
-        if on_stage:
-            on_stage(name, timings[name], detail(result))
-        return result
-
+    stage = StageRunner(on_stage)
     source_dir = _read_model_dir(model_dir)
     manifest = dump(source_dir.manifest)
     t = get_target(target)
     precision = precision or manifest["precision"]
     key = signing.load_private_key(sign) if sign is not None else None
-    from qcexport.optimize import PRECISIONS, check_target_precision
+    from qcexport.optimize import check_target_precision
 
-    if precision not in PRECISIONS:
-        raise unknown_choice("precision", precision, PRECISIONS, flag="--precision")
     check_target_precision(t.name, precision)
     final, name = output_paths(output or f"{model_dir.name}-{t.name}.bundle", archive)
     _check_output(final, archive)
@@ -242,37 +226,46 @@ def make_bundle(
         model_manifest = dump(model.manifest)
 
         staging = None
-        try:
-            staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-            _copy_model(model, staging)
-            subset = stage("subset", _golden_subset, gset, cases, staging / fmt.GOLDEN_DIR,
-                           detail=lambda g: ", ".join(c.name for c in g.cases))
-            ranges = stage("profile", _shape_ranges, model_manifest, subset, t,
-                           profile_shapes or {},
-                           detail=lambda r: ", ".join(f"{a}={'/'.join(map(str, v))}"
-                                                      for a, v in r.items()))
-            report = stage("parity", _host_parity, staging / MODEL_FILE, subset, model_manifest,
-                           policy, precision, t, host_targets,
-                           detail=lambda r: f"{r.counts()['pass']} passed, "
-                           f"{r.counts()['skip']} skipped")
-            _write_model_manifest(staging, model_manifest, t, policy)
-            bundle_manifest = _bundle_manifest(
-                name, t, precision, model_manifest, manifest, model_dir, ranges, policy,
-                subset, gset, golden_note, rebuilt, report)
-            written, signed_by = stage("write", _finish, staging, bundle_manifest, final,
-                                       archive, name, key, detail=lambda _: str(final))
-        except OSError as e:  # a full disk, a quota, a read-only place: the old output stays
-            raise UserError(
-                f"writing the bundle failed: {e.strerror or e}; "
-                + (f"{final} was not replaced (it is as it was)" if final.exists()
-                   else f"nothing was written to {final}"),
-                stage="bundle",
-                hint=f"free space in {final.parent} (or pass another -o) and run it again",
-            ) from None
-        finally:
-            if staging is not None and staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-    return BundleResult(final, written, rebuilt, report, timings, signed_by)
+        with _writing(final):
+            try:
+                staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+                _copy_model(model, staging)
+                subset = stage("subset", _golden_subset, gset, cases, staging / fmt.GOLDEN_DIR,
+                               detail=lambda g: ", ".join(c.name for c in g.cases))
+                ranges = stage("profile", _shape_ranges, model_manifest, subset, t,
+                               profile_shapes or {},
+                               detail=lambda r: ", ".join(f"{a}={'/'.join(map(str, v))}"
+                                                          for a, v in r.items()))
+                report = stage("parity", _host_parity, staging / MODEL_FILE, subset, model_manifest,
+                               policy, precision, t, host_targets,
+                               detail=lambda r: f"{r.counts()['pass']} passed, "
+                               f"{r.counts()['skip']} skipped")
+                _write_model_manifest(staging, model_manifest, t, policy)
+                bundle_manifest = _bundle_manifest(
+                    name, t, precision, model_manifest, manifest, model_dir, ranges, policy,
+                    subset, gset, golden_note, rebuilt, report)
+                written, signed_by = stage("write", _finish, staging, bundle_manifest, final,
+                                           archive, name, key, detail=lambda _: str(final))
+            finally:
+                if staging is not None and staging.exists():
+                    shutil.rmtree(staging, ignore_errors=True)
+    return BundleResult(final, written, rebuilt, report, stage.timings, signed_by)
+
+
+@contextlib.contextmanager
+def _writing(final: Path):
+    """A full disk, a quota, a read-only place while writing the bundle: the old output
+    stays, and the error says so."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(
+            f"writing the bundle failed: {e.strerror or e}; "
+            + (f"{final} was not replaced (it is as it was)" if final.exists()
+               else f"nothing was written to {final}"),
+            stage="bundle",
+            hint=f"free space in {final.parent} (or pass another -o) and run it again",
+        ) from None
 
 
 def _read_model_dir(model_dir: Path) -> ModelDir:
@@ -399,7 +392,7 @@ def _reexport(manifest, module, target: Target, out: Path) -> Path:
     output_names, dynamic_axes, extra = spec.output_names, spec.dynamic_axes, {}
     maps = manifest.get("attention_maps")
     if maps:
-        from qcexport.diagnostics.maps import with_attention_maps
+        from qcexport.export.maps import with_attention_maps
 
         module = with_attention_maps(module, spec.name, spec.output_names,
                                      heads=maps.get("heads", "mean"))

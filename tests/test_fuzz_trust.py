@@ -28,11 +28,9 @@ JSON_VALUES = ([1, 2, 3], 5, "x", None, {}, -1, 1e308, True, "../../etc/passwd")
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> dict[str, Path]:
+def pristine(tmp_path_factory, tiny_models) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fuzz")
-    model = root / "model"
-    result = CliRunner().invoke(qcexport_main, ["convert", NAME, "-o", str(model), "--json"])
-    assert result.exit_code == 0, result.output
+    model = tiny_models.dir(NAME, "tiny")  # shared: every case damages a copy
     golden = Path(shutil.copytree(golden_dir(NAME, "tiny"), root / "golden"))
     bundle = root / "b.bundle"
     result = CliRunner().invoke(qcexport_main, ["bundle", str(model), "--target", "ort-cpu",

@@ -135,11 +135,6 @@ def tiny_models(tmp_path_factory):
                           "with tiny_models.copy):\n  " + "\n  ".join(problems))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", f"{SLOW}: exports models or runs for seconds; "
-                                       "deselected by the fast tier (make test-fast)")
-
-
 def pytest_collection_modifyitems(items):
     for item in items:
         if "tiny_models" in getattr(item, "fixturenames", ()):

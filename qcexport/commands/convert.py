@@ -14,7 +14,7 @@ from qcrun.clikit import json_flag_option
 from qcrun.errors import UserError
 from qcrun.targets import target_names
 
-from qcexport.commands.quantize import quantize_and_report
+from qcexport.commands.quantize import report_quantized
 from qcexport.commands.sources import load_factory, load_hf, output_names
 
 ATTENTION_CHOICES = ("auto", "onnx", "ort", "decomposed")
@@ -110,27 +110,27 @@ def _convert_custom(factory, hf_path, component, target, attention, opset, preci
                     outputs, as_json, progress) -> dict[str, Any]:
     """``--module`` or ``--hf``: one conversion, then the reduced precision if asked for."""
     from qcexport.export import convert as convert_module
+    from qcexport.optimize import at_precision
 
-    reduced = precision != "fp32"
     out = Path(output or (f"out/{component}" if hf_path else "out/custom"))
     options = dict(target=target, attention=attention, opset=opset, on_stage=progress,
-                   output_dir=out / "fp32" if reduced else out,
                    output_names=output_names(outputs))
     if hf_path:
         from qcexport import hf
 
         comp = load_hf(hf_path, component)
         _header(f"{hf_path} ({component}) -> {out}", as_json)
-        result = hf.convert(None, comp, **options)
+
+        def fp32(directory):
+            return hf.convert(None, comp, output_dir=directory, **options)
     else:
         module, example, axes = load_factory(factory)
         _header(f"{factory} -> {out}", as_json)
-        result = convert_module(module, example, axes, **options,
-                                metadata={"mechanism": "custom", "factory": factory})
-    summary = _summary(result, as_json)
-    if reduced:
-        summary["precision"] = quantize_and_report(result.path.parent, precision, out, as_json)
-    return summary
+
+        def fp32(directory):
+            return convert_module(module, example, axes, output_dir=directory, **options,
+                                  metadata={"mechanism": "custom", "factory": factory})
+    return _summary(at_precision(fp32, precision, out, target=target), as_json)
 
 
 def _convert_mechanisms(name, all_, preset, target, attention, opset, precision, output,
@@ -140,8 +140,8 @@ def _convert_mechanisms(name, all_, preset, target, attention, opset, precision,
     as they fail; the others go on)."""
     from qcexport import mechanisms
     from qcexport.export import convert_mechanism
+    from qcexport.optimize import at_precision
 
-    reduced = precision != "fp32"
     results: list[dict[str, Any]] = []
     failures: list[str] = []
     names = mechanisms.names() if all_ else [name]
@@ -150,16 +150,14 @@ def _convert_mechanisms(name, all_, preset, target, attention, opset, precision,
         out = (Path(output) / f"{mech}-{preset}" if all_ and output else
                Path(output) if output else Path("out") / f"{mech}-{preset}")
         _header(f"{mech} ({preset}) -> {out}", as_json)
+
+        def fp32(directory, mech=mech):
+            return convert_mechanism(mech, preset, target=target, attention=attention,
+                                     opset=opset, on_stage=progress, precision=precision,
+                                     with_attention_maps=with_maps,
+                                     attention_map_heads=map_heads, output_dir=directory)
         try:
-            result = convert_mechanism(mech, preset, target=target, attention=attention,
-                                       opset=opset, on_stage=progress, precision=precision,
-                                       with_attention_maps=with_maps,
-                                       attention_map_heads=map_heads,
-                                       output_dir=out / "fp32" if reduced else out)
-            summary = _summary(result, as_json)
-            if reduced:
-                summary["precision"] = quantize_and_report(result.path.parent, precision, out,
-                                                           as_json)
+            summary = _summary(at_precision(fp32, precision, out, target=target), as_json)
         except UserError as exc:
             if not all_:
                 raise
@@ -195,7 +193,7 @@ def _summary(result, as_json: bool) -> dict[str, Any]:
         "passed": result.passed,
     }
     if as_json:
-        return data
+        return _with_reduced(data, result, as_json)
     click.echo(f"  model     {result.path}  (opset {result.opset})")
     click.echo(f"  attention {result.describe_attention()}")
     click.echo(f"  outputs   {', '.join(result.output_names)}")
@@ -207,4 +205,12 @@ def _summary(result, as_json: bool) -> dict[str, Any]:
                    f"max abs {r.max_abs:.2e}  cosine {r.cosine:.7f}  {verdict}")
     for w in result.warnings:
         click.echo(f"  warning   {w}")
+    return _with_reduced(data, result, as_json)
+
+
+def _with_reduced(data: dict[str, Any], result, as_json: bool) -> dict[str, Any]:
+    """The summary of the reduced-precision model made after the conversion, if any."""
+    if result.reduced is not None:
+        data["precision"] = report_quantized(result.reduced, result.reduced.manifest["precision"],
+                                             as_json)
     return data

@@ -112,7 +112,5 @@ def _failure(run) -> UserError:
 
 
 def _write(path: Path, text: str) -> None:
-    """A report file, atomically, through the exporter's writer."""
-    from qcexport.export.save import write_bytes_atomic
-
-    write_report(path, text, lambda p, t: write_bytes_atomic(p, t.encode()))
+    """A report file, atomically (``qcrun.files.write_atomic``, the one atomic writer)."""
+    write_report(path, text)

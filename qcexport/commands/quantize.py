@@ -46,7 +46,12 @@ def quantize_and_report(fp32_dir: Path, precision: str, out: Path, as_json: bool
     """The optimize stage after a convert, or on its own (`quantize`): prints the loss."""
     from qcexport.optimize import quantize_model_dir
 
-    result = quantize_model_dir(fp32_dir, precision, out, **options)
+    return report_quantized(quantize_model_dir(fp32_dir, precision, out, **options), precision,
+                            as_json)
+
+
+def report_quantized(result, precision: str, as_json: bool) -> dict[str, Any]:
+    """What ``quantize`` (or ``convert --precision``) made: printed, and as data."""
     q = result.manifest["quantization"]
     data = {"path": str(result.path), "precision": precision, "quantization": q,
             "calibration": result.manifest.get("calibration"),

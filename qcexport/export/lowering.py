@@ -19,13 +19,15 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 from qcrun.errors import UserError
+from qcrun.graphs import all_graphs
+
+from qcexport.export import save
 
 FORMS = ("onnx", "ort", "decomposed")
 MS_DOMAIN = "com.microsoft"
@@ -33,22 +35,10 @@ MS_DOMAIN = "com.microsoft"
 MASKED_BIAS = -10000.0
 
 
-def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """The graph and every subgraph below it (If branches, Loop and Scan bodies)."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from iter_graphs(g)
-
-
 def count_ops(model: onnx.ModelProto) -> Counter:
     """Op counts over the whole model, subgraphs included, keyed 'domain::Op' for non-default."""
     counts: Counter = Counter()
-    for graph in iter_graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for node in graph.node:
             key = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
             counts[key] += 1
@@ -76,13 +66,11 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose large initializers keep their type and shape but not their bytes (marked
     external): small enough to serialise for shape inference at any model size. A staged
     model (its large tensors already external) is returned as it is."""
-    from qcexport.export import save
-
     if not any(len(t.raw_data) > save.INLINE_TENSOR_BYTES
-               for g in iter_graphs(model.graph) for t in g.initializer):
+               for g in all_graphs(model.graph) for t in g.initializer):
         return model
     skeleton = copy_model(model)
-    for graph in iter_graphs(skeleton.graph):
+    for graph in all_graphs(skeleton.graph):
         for t in graph.initializer:
             if len(t.raw_data) > save.INLINE_TENSOR_BYTES:  # shape constants stay inline
                 t.ClearField("raw_data")
@@ -100,8 +88,6 @@ def check_model(model: onnx.ModelProto, base_dir: Path | None = None) -> None:
     where the checker also proves every external tensor's file is there; neither path
     serialises the weights.
     """
-    from qcexport.export import save
-
     if not save.has_external_data(model) and not save.is_large(model):
         onnx.checker.check_model(model)
         onnx.shape_inference.infer_shapes(model, check_type=True)
@@ -131,7 +117,7 @@ def _static_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Shapes of every value, with None for symbolic dims, after shape inference."""
     inferred = onnx.shape_inference.infer_shapes(weightless(model), data_prop=True)
     dims: dict[str, list[int | None]] = {}
-    for graph in iter_graphs(inferred.graph):
+    for graph in all_graphs(inferred.graph):
         for vi in [*graph.value_info, *graph.input, *graph.output]:
             t = vi.type.tensor_type
             if t.HasField("shape"):
@@ -141,7 +127,7 @@ def _static_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
 
 class _Names:
     def __init__(self, model: onnx.ModelProto):
-        self.used = {n for g in iter_graphs(model.graph) for node in g.node for n in node.output}
+        self.used = {n for g in all_graphs(model.graph) for node in g.node for n in node.output}
         self.count = 0
 
     def __call__(self, base: str) -> str:
@@ -158,7 +144,7 @@ def to_ort_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     model = copy_model(model)
     dims = _static_dims(model)
     fresh = _Names(model)
-    for graph in iter_graphs(model.graph):
+    for graph in all_graphs(model.graph):
         nodes = []
         for node in graph.node:
             if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
@@ -259,7 +245,7 @@ def downgrade_to_opset17(model: onnx.ModelProto, base_dir: Path | None = None
     model = copy_model(model)
     consts = _constants(model)
     dims = _static_dims(model)
-    for graph in iter_graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for node in graph.node:
             if node.domain not in ("", "ai.onnx"):
                 continue
@@ -276,7 +262,7 @@ def downgrade_to_opset17(model: onnx.ModelProto, base_dir: Path | None = None
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     consts = {}
-    for graph in iter_graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for init in graph.initializer:
             if init.data_location != onnx.TensorProto.EXTERNAL:  # weights: staged, not axes
                 consts[init.name] = numpy_helper.to_array(init)

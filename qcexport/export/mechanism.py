@@ -6,7 +6,10 @@ import dataclasses
 from pathlib import Path
 
 from qcexport import mechanisms
-from qcexport.export.pipeline import ConvertResult, Owned, StageCallback, convert
+from qcexport.export.capture import Owned
+from qcexport.export.maps import with_attention_maps as wrap_with_maps
+from qcexport.export.pipeline import ConvertResult, convert
+from qcexport.stages import StageCallback
 
 
 def convert_mechanism(
@@ -27,7 +30,7 @@ def convert_mechanism(
 
     ``with_attention_maps`` appends the cross-attention maps of every layer (heads averaged,
     or ``attention_map_heads="each"``) and the mechanism's diagnostic extras as outputs
-    (``qcexport.diagnostics.maps``); the regular outputs keep their names and values, and the
+    (``qcexport.export.maps``); the regular outputs keep their names and values, and the
     manifest's ``attention_maps`` says what every extra output holds.
 
     ``precision`` only selects the spec's config overrides for that precision (an export that
@@ -39,8 +42,6 @@ def convert_mechanism(
     module = mechanisms.create(name, preset, **overrides)
     output_names, dynamic_axes, extra_meta = spec.output_names, spec.dynamic_axes, {}
     if with_attention_maps:
-        from qcexport.diagnostics.maps import with_attention_maps as wrap_with_maps
-
         module = wrap_with_maps(module, name, spec.output_names, heads=attention_map_heads)
         output_names, dynamic_axes = module.output_names, module.maps_dynamic_axes(spec.dynamic_axes)
         extra_meta = {"attention_maps": module.maps_descriptor()}

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnx import numpy_helper
+from qcrun import files as qcfiles
 from qcrun.errors import UserError
-from qcrun.files import _umask, manifest_json
-
-from qcexport.export.lowering import iter_graphs
+from qcrun.files import manifest_json
+from qcrun.graphs import all_graphs
 
 # Protobuf cannot serialise a message of 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -60,49 +61,8 @@ def prepare_output_dir(path: str | os.PathLike) -> Path:
     return out
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """Write a new file (into a staging directory) and flush it to disk."""
-    _fsync_write(path, data)
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    _share(path)
-
-
-def _share(path: Path) -> None:
-    """Outputs are for sharing: 0666 less the umask, whatever created the file (mkstemp and
-    some libraries make 0600)."""
-    os.chmod(path, 0o666 & ~_umask())
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    tmp = _stage(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt included: never leave the temporary behind
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _stage(path: Path, data: bytes) -> Path:
-    """As ``qcrun.files.write_temp``, but through ``_fsync_write``, which tests replace to simulate
-    a full disk or Ctrl-C half-way through a write."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        _fsync_write(Path(tmp), data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are for sharing
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return Path(tmp)
+#: The one atomic writer (``qcrun.files``), by the name qcexport's stages have used.
+write_bytes_atomic = qcfiles.write_atomic
 
 
 def save_model_and_manifest(
@@ -127,7 +87,7 @@ def save_model_and_manifest(
             manifest["model_sha256"] = _file_sha256(new / model_path.name)
         else:
             data = inline_bytes(model, base_dir)
-            _fsync_write(new / model_path.name, data)
+            qcfiles.fsync_write(new / model_path.name, data)
             files = [model_path.name]
             manifest["model_sha256"] = hashlib.sha256(data).hexdigest()
             del data
@@ -139,7 +99,7 @@ def save_model_and_manifest(
         text = manifest_json(manifest)
         manifest.clear()
         manifest.update(json.loads(text))
-        _fsync_write(new / manifest_path.name, text.encode())
+        qcfiles.fsync_write(new / manifest_path.name, text.encode())
         return [*files, manifest_path.name]
 
     names = replace_pair(model_path.parent, write, manifest=manifest_path.name,
@@ -247,14 +207,10 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
-
-
 def initializer_bytes(model: onnx.ModelProto) -> int:
     """Bytes of weights in ``model``, inline or staged, subgraphs included."""
     total = 0
-    for graph in iter_graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for t in graph.initializer:
             total += (int(_external(t).get("length") or 0) if _is_external(t)
                       else len(t.raw_data) if t.HasField("raw_data") else t.ByteSize())
@@ -267,7 +223,7 @@ def is_large(model: onnx.ModelProto) -> bool:
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:
-    return any(_is_external(t) for g in iter_graphs(model.graph) for t in g.initializer)
+    return any(_is_external(t) for g in all_graphs(model.graph) for t in g.initializer)
 
 
 def _is_external(t: onnx.TensorProto) -> bool:
@@ -297,8 +253,6 @@ class _Reader:
         if not _is_external(t):
             if t.HasField("raw_data"):
                 return t.raw_data
-            from onnx import numpy_helper
-
             array = numpy_helper.to_array(t)  # typed fields (float_data...): raw is little-endian
             return array.astype(array.dtype.newbyteorder("<")).tobytes()
         info = _external(t)
@@ -344,7 +298,7 @@ def _skeleton(model: onnx.ModelProto, read: _Reader) -> onnx.ModelProto:
     for field, value in model.graph.ListFields():
         if field.name != "initializer":
             _copy_field(skeleton.graph, field, value)
-    for graph in list(iter_graphs(skeleton.graph))[1:]:
+    for graph in list(all_graphs(skeleton.graph))[1:]:
         for t in graph.initializer:
             if _is_external(t):
                 data = read(t)
@@ -494,9 +448,9 @@ def _write_with_external_data(model: onnx.ModelProto, path: Path,
             for header in moved:
                 header.external_data[0].value = data_name
             os.replace(tmp, path.parent / data_name)
-            _share(path.parent / data_name)
+            qcfiles.share(path.parent / data_name)
             files.append(path.parent / data_name)
-        _fsync_write(path, skeleton.SerializeToString())
+        qcfiles.fsync_write(path, skeleton.SerializeToString())
         return files
     finally:
         read.close()

@@ -23,6 +23,7 @@ from pathlib import Path
 import onnx
 import torch
 from qcrun.errors import UserError
+from qcrun.graphs import all_graphs
 from torch import nn
 
 AxisMap = Mapping[str, Mapping[int, str]]
@@ -165,10 +166,8 @@ class ExportedGraph:
 
 
 def _all_graph_names(model: onnx.ModelProto) -> set[str]:
-    from qcexport.export.lowering import iter_graphs
-
     names: set[str] = set()
-    for g in iter_graphs(model.graph):
+    for g in all_graphs(model.graph):
         names |= {i.name for i in g.input} | {i.name for i in g.initializer}
         names |= {o for n in g.node for o in n.output}
     return names
@@ -177,9 +176,7 @@ def _all_graph_names(model: onnx.ModelProto) -> set[str]:
 def rename_value(model: onnx.ModelProto, old: str, new: str) -> None:
     """Rename value ``old`` to ``new`` everywhere: producers, consumers (subgraphs too, which
     may read outer values), initializers, graph inputs/outputs and value_info."""
-    from qcexport.export.lowering import iter_graphs
-
-    for g in iter_graphs(model.graph):
+    for g in all_graphs(model.graph):
         for node in g.node:
             for seq in (node.input, node.output):
                 for i, name in enumerate(seq):

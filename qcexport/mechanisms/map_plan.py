@@ -1,7 +1,7 @@
 """What a mechanism's attention maps are, as data on its spec (``MechanismSpec.maps``).
 
 A mechanism file says which of its submodules are cross-attention cores, how their inputs
-are read, and what the map axes hold; ``qcexport.diagnostics.maps`` turns such a plan into
+are read, and what the map axes hold; ``qcexport.export.maps`` turns such a plan into
 extra model outputs without knowing which mechanism it holds.
 """
 

@@ -15,20 +15,21 @@ import contextlib
 import dataclasses
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from qcrun.errors import UserError
+from qcrun.errors import UserError, unknown_choice
 from qcrun.files import read_model_dir
 from qcrun.golden import file_sha256
 from qcrun.inputs import make_inputs
 from qcrun.schema import dump
 from qcrun.targets import get_target
 
-from qcexport.export.pipeline import MANIFEST_FILE, MODEL_FILE
+from qcexport import mechanisms
+from qcexport.export.pipeline import MANIFEST_FILE, MODEL_FILE, ConvertResult
 from qcexport.export.save import prepare_output_dir, save_model_and_manifest
 from qcexport.optimize.precision import (
     CALIBRATION_METHODS,
@@ -40,8 +41,10 @@ from qcexport.optimize.precision import (
     feeds_sha256,
     quantize_file,
 )
+from qcexport.stages import StageCallback, StageRunner
 
-__all__ = ["CALIBRATION_METHODS", "PRECISIONS", "QuantizeResult", "quantize_model_dir"]
+__all__ = ["CALIBRATION_METHODS", "PRECISIONS", "QuantizeResult", "at_precision",
+           "quantize_model_dir"]
 
 CALIBRATION_SEED = 20_000  # distinct from golden (1000+), export (0) and verify (1, 2) seeds
 EVALUATION_SEED = 30_000
@@ -53,14 +56,13 @@ class QuantizeResult:
     manifest: dict[str, Any]
     loss: list[LossRecord]
     seconds: float
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _spec_feeds(manifest, count: int, seed: int) -> list[tuple[str, dict[str, np.ndarray]]]:
     """Inputs from the mechanism's example-input factory (``manifest``: a
     ``qcrun.files.ModelManifest``), cycling through its golden cases' shapes and flags
     (padding, branches, m...) with seeds of their own."""
-    from qcexport import mechanisms
-
     spec = mechanisms.get(manifest.mechanism)
     config = spec.config_cls(**(manifest.config or {}))
     feeds = []
@@ -72,6 +74,10 @@ def _spec_feeds(manifest, count: int, seed: int) -> list[tuple[str, dict[str, np
 
 
 def check_target_precision(target: str, precision: str) -> None:
+    """``precision`` is one this toolkit makes (a UserError listing them otherwise) and
+    ``target`` runs models of it."""
+    if precision not in PRECISIONS:
+        raise unknown_choice("precision", precision, PRECISIONS, flag="--precision")
     profile = get_target(target)
     if precision not in profile.precisions:
         why = {
@@ -83,6 +89,23 @@ def check_target_precision(target: str, precision: str) -> None:
             stage="quantize",
             hint=f"use one of {', '.join(profile.precisions)} for {target}",
         )
+
+
+def at_precision(convert_fp32: Callable[[Path], ConvertResult], precision: str,
+                 output_dir: str | Path, *, target: str = "ort-cpu",
+                 **options) -> ConvertResult:
+    """Compose convert and quantize: ``convert_fp32(directory)`` writes the fp32 model, into
+    ``output_dir`` itself for fp32, else into ``output_dir/fp32`` (kept as the reference),
+    and the ``precision`` model made from it goes into ``output_dir`` (``result.reduced``).
+    ``options`` are :func:`quantize_model_dir`'s. The precision and the target are checked
+    before any work."""
+    check_target_precision(target, precision)
+    out = Path(output_dir)
+    if precision == "fp32":
+        return convert_fp32(out)
+    result = convert_fp32(out / "fp32")
+    result.reduced = quantize_model_dir(result.path.parent, precision, out, **options)
+    return result
 
 
 def quantize_model_dir(model_dir: str | Path, precision: str, output_dir: str | Path,
@@ -100,6 +123,89 @@ def quantize_model_dir(model_dir: str | Path, precision: str, output_dir: str | 
         raise
 
 
+def _source(model_dir: Path, out_dir: Path, precision: str, target: str | None):
+    """The checked fp32 model directory and the target to quantize for. Types, paths, hashes
+    and the graph's precision are checked: a truncated or edited model is refused before any
+    work."""
+    source = read_model_dir(model_dir, stage="quantize")
+    manifest = source.manifest
+    if manifest.precision != "fp32":
+        raise UserError(f"{model_dir} is already {manifest.precision}", stage="quantize",
+                        hint="quantize the fp32 model directory instead")
+    if out_dir.resolve() == model_dir.resolve():
+        raise UserError("the output directory is the fp32 model's directory", stage="quantize",
+                        hint="pass another -o; the fp32 model is kept as the reference")
+    target = target or manifest.target or "ort-cpu"
+    check_target_precision(target, precision)
+    return source, target
+
+
+def _feeds(manifest, precision: str, calibration_file, calibration_cases: int,
+           evaluation_cases: int) -> tuple[Calibration | None, list]:
+    """The calibration set (int8-static) and the evaluation feeds: from a file, or from the
+    mechanism's input factory; a custom module without a file is measured on the
+    calibration samples, or on one synthetic feed."""
+    calibration = None
+    if precision == "int8-static":
+        if calibration_file:
+            calibration = calibration_from_npz(calibration_file, manifest.input_specs())
+        elif manifest.builtin:
+            feeds = [f for _, f in _spec_feeds(manifest, calibration_cases, CALIBRATION_SEED)]
+            calibration = Calibration("factory", feeds, feeds_sha256(feeds))
+        else:
+            raise UserError("a custom module needs a calibration file for int8-static",
+                            stage="calibrate", hint="pass --calibration FILE.npz")
+    if manifest.builtin:
+        evaluation = _spec_feeds(manifest, evaluation_cases, EVALUATION_SEED)
+    elif calibration is not None:
+        evaluation = [(f"calibration#{i}", f)
+                      for i, f in enumerate(calibration.feeds[:evaluation_cases])]
+    else:
+        evaluation = [("example", make_inputs(manifest.input_specs(), seed=EVALUATION_SEED))]
+    return calibration, evaluation
+
+
+def _measure(src: Path, staged: Path, precision: str, evaluation) -> list[LossRecord]:
+    """The reduced model against the fp32 one; over the policy is a UserError."""
+    loss = accuracy_loss(src, staged, precision, evaluation)
+    failed = [r for r in loss if not r.passed]
+    if failed:
+        worst = sorted(failed, key=lambda r: r.cosine)[:5]
+        lines = "; ".join(f"{r.case}/{r.output}: max abs {r.max_abs:.3g}, cosine "
+                          f"{r.cosine:.5f} ({r.tolerance})" for r in worst)
+        raise UserError(
+            f"{precision} loses more accuracy than the policy allows on {len(failed)} "
+            f"outputs; worst: {lines}",
+            stage="quantize",
+            hint="keep sensitive parts in float with --exclude-modules NAME (the PyTorch "
+            "module, e.g. a controller or the last projection) or --exclude-nodes NODE; "
+            "or try another --method / more --calibration-cases",
+        )
+    return loss
+
+
+def _save(staged: Path, out_dir: Path, manifest, precision: str, settings, calibration,
+          loss: list[LossRecord], src: Path) -> dict[str, Any]:
+    """Write the reduced model and its manifest as one unit: an fp16 model never sits under
+    an int8 manifest, whatever fails; a large model goes with its external data file, hashed
+    in the manifest."""
+    out_manifest = {
+        **dump(manifest),
+        "precision": precision,
+        "quantization": settings.to_dict(),
+        "calibration": calibration.describe() if calibration else None,
+        "accuracy_loss": [dataclasses.asdict(r) for r in loss],
+        "source_model": {"path": str(src), "sha256": file_sha256(src)},
+    }
+    out_manifest.pop("files", None)
+    out_manifest.pop("files_sha256", None)
+    out_manifest["model"] = MODEL_FILE
+    reduced = onnx.load(staged)
+    save_model_and_manifest(reduced, out_dir / MODEL_FILE, out_dir / MANIFEST_FILE,
+                            out_manifest)
+    return out_manifest
+
+
 def _quantize_model_dir(
     model_dir: str | Path,
     precision: str,
@@ -112,77 +218,26 @@ def _quantize_model_dir(
     exclude_modules: Sequence[str] = (),
     target: str | None = None,
     evaluation_cases: int = 6,
+    on_stage: StageCallback | None = None,
 ) -> QuantizeResult:
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(output_dir)
-    # types, paths, hashes and the graph's precision checked: a truncated or edited model
-    # is refused before any work
-    source = read_model_dir(model_dir, stage="quantize")
+    source, target = _source(model_dir, out_dir, precision, target)
     manifest, src = source.manifest, source.model
-    if manifest.precision != "fp32":
-        raise UserError(f"{model_dir} is already {manifest.precision}", stage="quantize",
-                        hint="quantize the fp32 model directory instead")
-    if out_dir.resolve() == model_dir.resolve():
-        raise UserError("the output directory is the fp32 model's directory", stage="quantize",
-                        hint="pass another -o; the fp32 model is kept as the reference")
-    target = target or manifest.target or "ort-cpu"
-    check_target_precision(target, precision)
-    builtin = manifest.builtin
-    if builtin:
-        from qcexport import mechanisms
-
-        exclude_modules = [*mechanisms.get(manifest.mechanism).quantize_exclude, *exclude_modules]
-
-    calibration = None
-    if precision == "int8-static":
-        if calibration_file:
-            calibration = calibration_from_npz(calibration_file, manifest.input_specs())
-        elif builtin:
-            feeds = [f for _, f in _spec_feeds(manifest, calibration_cases, CALIBRATION_SEED)]
-            calibration = Calibration("factory", feeds, feeds_sha256(feeds))
-        else:
-            raise UserError("a custom module needs a calibration file for int8-static",
-                            stage="calibrate", hint="pass --calibration FILE.npz")
-    if builtin:
-        evaluation = _spec_feeds(manifest, evaluation_cases, EVALUATION_SEED)
-    elif calibration is not None:
-        evaluation = [(f"calibration#{i}", f) for i, f in enumerate(calibration.feeds[:evaluation_cases])]
-    else:
-        evaluation = [("example", make_inputs(manifest.input_specs(), seed=EVALUATION_SEED))]
-
+    if manifest.builtin:
+        exclude_modules = [*mechanisms.get(manifest.mechanism).quantize_exclude,
+                           *exclude_modules]
+    stages = StageRunner(on_stage)
+    calibration, evaluation = stages("calibrate", _feeds, manifest, precision,
+                                     calibration_file, calibration_cases, evaluation_cases)
     prepare_output_dir(out_dir)
     with tempfile.TemporaryDirectory(prefix="qcexport-quantize-") as tmp:
         staged = Path(tmp) / MODEL_FILE
-        settings = quantize_file(src, staged, precision, calibration=calibration, method=method,
-                                 exclude_nodes=exclude_nodes, exclude_modules=exclude_modules)
-        loss = accuracy_loss(src, staged, precision, evaluation)
-        failed = [r for r in loss if not r.passed]
-        if failed:
-            worst = sorted(failed, key=lambda r: r.cosine)[:5]
-            lines = "; ".join(f"{r.case}/{r.output}: max abs {r.max_abs:.3g}, cosine "
-                              f"{r.cosine:.5f} ({r.tolerance})" for r in worst)
-            raise UserError(
-                f"{precision} loses more accuracy than the policy allows on {len(failed)} "
-                f"outputs; worst: {lines}",
-                stage="quantize",
-                hint="keep sensitive parts in float with --exclude-modules NAME (the PyTorch "
-                "module, e.g. a controller or the last projection) or --exclude-nodes NODE; "
-                "or try another --method / more --calibration-cases",
-            )
-        out_manifest = {
-            **dump(manifest),
-            "precision": precision,
-            "quantization": settings.to_dict(),
-            "calibration": calibration.describe() if calibration else None,
-            "accuracy_loss": [dataclasses.asdict(r) for r in loss],
-            "source_model": {"path": str(src), "sha256": file_sha256(src)},
-        }
-        out_manifest.pop("files", None)
-        out_manifest.pop("files_sha256", None)
-        out_manifest["model"] = MODEL_FILE
-        # one unit: an fp16 model never sits under an int8 manifest, whatever fails; a large
-        # model goes with its external data file, hashed in the manifest
-        reduced = onnx.load(staged)
-        save_model_and_manifest(reduced, out_dir / MODEL_FILE, out_dir / MANIFEST_FILE,
-                                out_manifest)
-    return QuantizeResult(out_dir / MODEL_FILE, out_manifest, loss, time.perf_counter() - start)
+        settings = stages("quantize", quantize_file, src, staged, precision,
+                          calibration=calibration, method=method, exclude_nodes=exclude_nodes,
+                          exclude_modules=exclude_modules)
+        loss = stages("measure", _measure, src, staged, precision, evaluation)
+        out_manifest = stages("save", _save, staged, out_dir, manifest, precision, settings,
+                              calibration, loss, src)
+    return QuantizeResult(out_dir / MODEL_FILE, out_manifest, loss, time.perf_counter() - start,
+                          stages.timings)

@@ -34,11 +34,15 @@ from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
+from qcrun.engines import open_adapter
 from qcrun.errors import UserError, unknown_choice
-from qcrun.parity import TolerancePolicy, compare
+from qcrun.graphs import all_graphs, subgraphs, walk_graphs
+from qcrun.parity import Record, TolerancePolicy, compare_outputs
+from qcrun.profiling.provenance import parse_scopes
 
 from qcexport.export import save
-from qcexport.export.lowering import check_model, count_ops, iter_graphs
+from qcexport.export.lowering import check_model, count_ops
 
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -72,7 +76,7 @@ def reduced_precision_of(model: onnx.ModelProto) -> str | None:
     found = sorted(op for op in ops if op in _REDUCED_OPS)
     if found:
         return f"it already contains {', '.join(found)}"
-    halves = sum(1 for g in iter_graphs(model.graph) for t in g.initializer
+    halves = sum(1 for g in all_graphs(model.graph) for t in g.initializer
                  if t.data_type == onnx.TensorProto.FLOAT16)
     if halves:
         return f"{halves} of its initializers are already fp16"
@@ -86,25 +90,20 @@ def node_modules(model: onnx.ModelProto) -> dict[str, str]:
     the exporter records branch scopes relative to the branch function.
     """
     paths: dict[str, str] = {}
-
-    def scope_of(node) -> str:
-        # one reading of the exporter's scopes for quantization and profiling alike
-        from qcrun.profiling.provenance import parse_scopes
-
-        parsed = parse_scopes({p.key: p.value for p in node.metadata_props})
-        return parsed[0][-1] if parsed and parsed[0] else ""
-
-    def walk(graph, prefix: str) -> None:
+    # a graph comes after the nodes that own it: their paths are known by then
+    for graph, owners in walk_graphs(model.graph):
+        prefix = paths.get(owners[-1].name, "") if owners else ""
         for node in graph.node:
-            own = scope_of(node)
-            path = ".".join(p for p in (prefix, own) if p)
-            paths[node.name] = path
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
-                    walk(sub, path)
-
-    walk(model.graph, "")
+            own = _scope(node)
+            paths[node.name] = ".".join(p for p in (prefix, own) if p)
     return paths
+
+
+def _scope(node) -> str:
+    """The innermost module scope the exporter recorded for ``node`` (one reading of the
+    exporter's scopes for quantization and profiling alike)."""
+    parsed = parse_scopes({p.key: p.value for p in node.metadata_props})
+    return parsed[0][-1] if parsed and parsed[0] else ""
 
 
 def resolve_exclusions(model: onnx.ModelProto, nodes: Sequence[str], modules: Sequence[str]) -> list[str]:
@@ -321,7 +320,7 @@ def convert_fp16(model: onnx.ModelProto, exclude: Sequence[str]) -> tuple[onnx.M
 
     half = float16.convert_float_to_float16(model, keep_io_types=True,
                                             node_block_list=list(exclude) or None)
-    for graph in iter_graphs(half.graph):
+    for graph in all_graphs(half.graph):
         topological_sort(graph)
     check_model(half)
     return half, QuantizeSettings("fp16", excluded_nodes=list(exclude),
@@ -339,10 +338,9 @@ def topological_sort(graph: onnx.GraphProto) -> None:
 
     def needs(node) -> list[str]:
         names = [i for i in node.input if i]
-        for attr in node.attribute:  # a branch may read values of this graph
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
-                for g in iter_graphs(sub):
-                    names += [i for n in g.node for i in n.input if i]
+        for sub in subgraphs(node):  # a branch may read values of this graph
+            for g in all_graphs(sub):
+                names += [i for n in g.node for i in n.input if i]
         return names
 
     def visit(i: int) -> None:
@@ -371,7 +369,8 @@ def topological_sort(graph: onnx.GraphProto) -> None:
 
 @dataclass
 class LossRecord:
-    """Accuracy loss of one output of the reduced model against the fp32 model."""
+    """Accuracy loss of one output of the reduced model against the fp32 model, as the
+    manifest records it (a view of a parity ``Record``)."""
 
     case: str
     output: str
@@ -382,24 +381,31 @@ class LossRecord:
     passed: bool
     reason: str = ""
 
+    @classmethod
+    def of(cls, record: Record) -> LossRecord:
+        m = record.metrics
+        return cls(record.case, record.output or "", _f(m.max_abs if m else None),
+                   _f(m.mean_abs if m else None), _f(m.cosine if m else None),
+                   record.tolerance.describe() if record.tolerance else "",
+                   record.verdict == "pass", record.message)
+
+
+#: Where the reduced model is measured against the fp32 one.
+MEASURE_TARGET = "ort-cpu"
+
 
 def accuracy_loss(fp32_path: Path, reduced_path: Path, precision: str,
                   feeds: Sequence[tuple[str, Mapping[str, np.ndarray]]]) -> list[LossRecord]:
     """Run both models in onnxruntime CPU and compare every output under the policy."""
-    from qcrun.adapters import open_adapter
-
     policy = TolerancePolicy()
-    records = []
-    with open_adapter(fp32_path, "ort-cpu") as ref, open_adapter(reduced_path, "ort-cpu") as low:
+    records: list[Record] = []
+    with open_adapter(fp32_path, MEASURE_TARGET) as ref, \
+            open_adapter(reduced_path, MEASURE_TARGET) as low:
         for case, feed in feeds:
-            expected, actual = ref.run(feed), low.run(feed)
-            for name, e in expected.items():
-                tol = policy.resolve(precision, "ort-cpu", name)
-                cmp = compare(actual[name], e, tol)
-                m = cmp.metrics
-                records.append(LossRecord(case, name, _f(m.max_abs), _f(m.mean_abs), _f(m.cosine),
-                                          tol.describe(), cmp.passed, cmp.reason))
-    return records
+            records += compare_outputs(
+                MEASURE_TARGET, case, low.run(feed), ref.run(feed),
+                lambda name: policy.resolve(precision, MEASURE_TARGET, name))
+    return [LossRecord.of(r) for r in records]
 
 
 def _f(value) -> float:
@@ -408,8 +414,6 @@ def _f(value) -> float:
 
 def load_checked(path: Path, *, stage: str) -> onnx.ModelProto:
     """The ONNX model at ``path``, or a UserError when it is truncated, corrupt or invalid."""
-    from google.protobuf.message import DecodeError
-
     try:
         # from the file: the checker also proves the external data files are there, and a
         # model over the protobuf limit is never serialised whole
@@ -443,7 +447,7 @@ def quantize_file(
     exclude = resolve_exclusions(model, exclude_nodes, exclude_modules)
     # ORT's quantizers first split a Gemm into MatMul + Add named "<gemm>_MatMul" and then
     # match nodes_to_exclude against the new name: exclude both, or the Gemm gets quantized.
-    ops = {n.name: n.op_type for g in iter_graphs(model.graph) for n in g.node}
+    ops = {n.name: n.op_type for g in all_graphs(model.graph) for n in g.node}
     quantizer_names = [*exclude, *(f"{n}_MatMul" for n in exclude if ops.get(n) == "Gemm")]
     if precision == "int8-static" and (calibration is None or not calibration.feeds):
         raise UserError("int8-static needs calibration data", stage="calibrate",
@@ -468,7 +472,7 @@ def quantize_file(
     guard_qattention(reduced)
     # The quantizers can leave an If before the producer of a value its branch reads (ORT
     # sorts on load; onnx's reference evaluator and the checker do not).
-    for graph in iter_graphs(reduced.graph):
+    for graph in all_graphs(reduced.graph):
         topological_sort(graph)
     check_model(reduced)
     _write_work(reduced, dst)
@@ -510,8 +514,8 @@ def guard_qattention(model: onnx.ModelProto) -> None:
 def matmul_counts(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
     """How many matrix products are quantized and how many stay float, top level vs branches."""
     counts = {"quantized": {"top": 0, "branches": 0}, "float": {"top": 0, "branches": 0}}
-    for depth, graph in _graphs_with_depth(model.graph):
-        where = "top" if depth == 0 else "branches"
+    for graph, owners in walk_graphs(model.graph):
+        where = "branches" if owners else "top"
         producer = {o: n.op_type for n in graph.node for o in n.output}
         for node in graph.node:
             fed_by_dq = any(producer.get(i) == "DequantizeLinear" for i in node.input[1:2])
@@ -521,11 +525,3 @@ def matmul_counts(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
             elif node.op_type in QUANTIZED_OPS:
                 counts["float"][where] += 1
     return counts
-
-
-def _graphs_with_depth(graph, depth=0):
-    yield depth, graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
-                yield from _graphs_with_depth(sub, depth + 1)

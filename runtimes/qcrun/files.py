@@ -27,16 +27,30 @@ def _umask() -> int:
     return mask
 
 
-def write_temp(path: str | os.PathLike, data: bytes) -> Path:
+def share(path: str | os.PathLike) -> None:
+    """Outputs are for sharing: 0666 less the umask, whatever created the file (``mkstemp``
+    and some libraries make 0600)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def fsync_write(path: str | os.PathLike, data: bytes | bytearray) -> None:
+    """Write the new file ``path`` (a temporary, or a file in a staging directory), flush it
+    to disk and share it. Every atomic write of qcrun and qcexport puts its bytes down here:
+    tests replace this one function to simulate a full disk or Ctrl-C half-way through."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    share(path)
+
+
+def write_temp(path: str | os.PathLike, data: bytes | bytearray) -> Path:
     """Write ``data`` to a temporary sibling of ``path``; the caller renames it into place."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        fsync_write(tmp, data)
     except BaseException:  # KeyboardInterrupt included: never leave the temporary behind
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -44,7 +58,7 @@ def write_temp(path: str | os.PathLike, data: bytes) -> Path:
     return Path(tmp)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+def write_atomic(path: str | os.PathLike, data: bytes | bytearray | str) -> None:
     """Replace ``path`` with ``data`` (text is written as UTF-8) in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,3 +45,8 @@ def walk_graphs(graph, path: tuple = ()) -> Iterator[tuple[Any, tuple]]:
     for node in graph.node:
         for sub in subgraphs(node):
             yield from walk_graphs(sub, (*path, node))
+
+
+def all_graphs(graph) -> Iterator[Any]:
+    """``graph`` and every subgraph below it, in the order of :func:`walk_graphs`."""
+    return (g for g, _ in walk_graphs(graph))

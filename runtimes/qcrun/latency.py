@@ -23,7 +23,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,13 +69,6 @@ class LatencyStats:
     mean_ms: float
     std_ms: float
     throughput_per_s: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LatencyStats:
-        return cls(**{f: data[f] for f in cls.__dataclass_fields__})
 
 
 def summarize(samples_s: Sequence[float]) -> LatencyStats:
@@ -477,13 +470,6 @@ class Growth:
     latencies_ms: list[float]
     exponent: float
     r2: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Growth:
-        return cls(**{f: data[f] for f in cls.__dataclass_fields__})
 
 
 def fit_exponent(sizes: Sequence[float], values: Sequence[float]) -> tuple[float, float]:

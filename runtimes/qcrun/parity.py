@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -780,19 +780,31 @@ def _run_case(adapter, case, target, policy, precision) -> list[Record]:
         return [
             Record(target.name, case.name, name, "fail", "run", str(e)) for name in case.outputs
         ]
+    return compare_outputs(target.name, case.name, actual, case.outputs,
+                           lambda name: policy.resolve(precision, target, name))
+
+
+def compare_outputs(
+    target: str,
+    case: str,
+    actual: Mapping[str, np.ndarray],
+    expected: Mapping[str, np.ndarray],
+    tolerance: Callable[[str], Tolerance],
+) -> list[Record]:
+    """One ``Record`` per expected output of one run: ``actual`` against ``expected`` under
+    ``tolerance(output name)``. The one comparison of outputs behind parity, convert's
+    verification and quantize's accuracy check."""
     records = []
-    for name, expected in case.outputs.items():
-        tolerance = policy.resolve(precision, target, name)
+    for name, wanted in expected.items():
+        bound = tolerance(name)
         if name not in actual:
             message = f"the model has no output {name!r} (its outputs: {', '.join(actual)})"
             verdict, code, metrics = "fail", "missing-output", None
         else:
-            result = compare(actual[name], expected, tolerance)
+            result = compare(actual[name], wanted, bound)
             verdict = "pass" if result.passed else "fail"
             message, code, metrics = result.reason, result.code, result.metrics
-        records.append(
-            Record(target.name, case.name, name, verdict, code, message, metrics, tolerance)
-        )
+        records.append(Record(target, case, name, verdict, code, message, metrics, bound))
     return records
 
 

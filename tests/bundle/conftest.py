@@ -1,8 +1,9 @@
 """Fixtures for the bundle tests: a tiny Q-Former converted once, and bundles made from it.
 
-Converting and re-exporting are the slow parts (seconds each), so the model and the two
-bundles (openvino-cpu: copied as exported; jetson-orin: exported again, decomposed at opset
-17), a key pair and a bundle signed with it are built once per session; tests that damage a bundle work on a copy. ``qcrun_no_torch``
+Converting and re-exporting are the slow parts (seconds each), so the model (exported once
+for every folder: ``tiny_models``) and the two bundles (openvino-cpu: copied as exported;
+jetson-orin: exported again, decomposed at opset 17), a key pair and a bundle signed with it
+are built once per session; tests that damage a bundle work on a copy. ``qcrun_no_torch``
 runs the qcrun command line in a fresh interpreter where importing torch or onnx fails, as on
 a device. Nothing mocks an engine.
 """
@@ -21,7 +22,6 @@ from qcrun.signing import generate_keypair
 
 from qcexport.bundle import make_bundle
 from qcexport.cli import main as qcexport_main
-from qcexport.export import convert_mechanism
 
 # A device: torch and onnx cannot be imported; then `qcrun ARGS...` or a script runs.
 BLOCKER = r"""
@@ -46,10 +46,9 @@ main()
 
 
 @pytest.fixture(scope="session")
-def qformer_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("convert") / "qformer-tiny"
-    convert_mechanism("qformer", "tiny", output_dir=out)
-    return out
+def qformer_dir(tiny_models) -> Path:
+    """The tiny Q-Former shared by the whole session (testsupport.models): never write it."""
+    return tiny_models.dir("qformer")
 
 
 @pytest.fixture(scope="session")

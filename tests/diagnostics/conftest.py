@@ -1,7 +1,8 @@
 """Fixtures for the diagnostics tests.
 
 Exports are the slow part, so the two models exported with attention maps (the Q-Former, and
-a one-layer router whose branches run inside ONNX ``If``) are converted once per session.
+a one-layer router whose branches run inside ONNX ``If``) are converted once per session
+(``tiny_models``, shared with the other folders).
 Helpers are fixtures: the test folders have no ``__init__.py``.
 """
 
@@ -13,7 +14,6 @@ import torch
 
 from qcexport import mechanisms
 from qcexport.diagnostics.maps import with_attention_maps
-from qcexport.export import convert_mechanism
 
 
 @pytest.fixture(autouse=True)
@@ -22,18 +22,12 @@ def _seeded():
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """exported(name, **overrides) -> ConvertResult of the tiny preset with attention maps."""
-    root = tmp_path_factory.mktemp("maps")
-    cache = {}
+def exported(tiny_models):
+    """exported(name, **overrides) -> ConvertResult of the tiny preset with attention maps,
+    exported once per session (testsupport.models): read it, never write it."""
 
     def get(name: str, **overrides):
-        key = (name, tuple(sorted(overrides.items())))
-        if key not in cache:
-            tag = "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
-            cache[key] = convert_mechanism(name, "tiny", with_attention_maps=True,
-                                           output_dir=root / f"{name}{tag}", **overrides)
-        return cache[key]
+        return tiny_models.get(name, "tiny", with_attention_maps=True, **overrides)
 
     return get
 

@@ -1,9 +1,10 @@
 """Fixtures for the export tests.
 
 Exporting is the slow part (seconds per model), so every (mechanism, attention form) pair is
-converted once per session by ``converted`` and shared by all the tests that look at it; the
-PyTorch eager references are cached the same way by ``eager_cases``. Helpers are fixtures
-rather than importable functions: the test folders have no ``__init__.py``.
+converted once per session by ``converted`` (``tiny_models``, shared with the other folders)
+and shared by all the tests that look at it; the PyTorch eager references are cached the same
+way by ``eager_cases``. Helpers are fixtures rather than importable functions: the test
+folders have no ``__init__.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from qcexport import mechanisms
-from qcexport.export import ConvertResult, convert_mechanism
+from qcexport.export import ConvertResult
 
 FORMS = ("onnx", "ort", "decomposed")
 #: Seeds for the runtime checks, other than the converter's own (0 export, 1 and 2 verify).
@@ -33,28 +34,16 @@ def _seeded():
 
 
 @pytest.fixture(scope="session")
-def converted(tmp_path_factory):
-    """converted(name, form) -> ConvertResult of the tiny preset, converted once per session.
+def converted(tiny_models):
+    """converted(name, form) -> ConvertResult of the tiny preset, converted once per session
+    and shared with the other folders (testsupport.models): read it, never write it.
 
-    A failed conversion is cached too, so the tests that depend on it fail at once with the
+    A failed conversion is kept too, so the tests that depend on it fail at once with the
     same error instead of exporting again.
     """
-    root = tmp_path_factory.mktemp("converted")
-    cache: dict[tuple[str, str], ConvertResult | BaseException] = {}
 
     def get(name: str, form: str) -> ConvertResult:
-        key = (name, form)
-        if key not in cache:
-            try:
-                cache[key] = convert_mechanism(
-                    name, "tiny", attention=form, output_dir=root / f"{name}-{form}"
-                )
-            except Exception as exc:  # cached and re-raised below, for every test that asks
-                cache[key] = exc
-        hit = cache[key]
-        if isinstance(hit, BaseException):
-            raise hit
-        return hit
+        return tiny_models.get(name, "tiny", attention=form)
 
     return get
 

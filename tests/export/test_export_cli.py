@@ -134,7 +134,7 @@ def test_unknown_mechanism_from_the_installed_script(tmp_path):
 
 def test_name_module_and_all_are_exclusive(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert_clean_failure(invoke("convert"), "exactly one of NAME, --all or --module")
+    assert_clean_failure(invoke("convert"), "exactly one of NAME, --all, --module or --hf")
     assert_clean_failure(invoke("convert", "qformer", "--all"), "exactly one of")
 
 

@@ -7,6 +7,7 @@ never damages the one already there.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -14,11 +15,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from qcrun import files
 from qcrun.adapters import open_adapter
 from qcrun.errors import UserError
 from torch import nn
 
-from qcexport.export import convert, save
+from qcexport.export import convert
 from qcexport.export import pipeline as pipeline_module
 from qcexport.export.lowering import MS_DOMAIN, count_ops
 
@@ -172,14 +174,15 @@ def test_verify_failure_keeps_the_previous_model(tmp_path, listdir, monkeypatch)
     first = convert(LinspacePositions(), example(), {"x": {0: "batch"}}, output_dir=out)
     before = {name: (out / name).read_bytes() for name in listdir(out)}
 
-    real_verify = pipeline_module._verify
+    real_verify = pipeline_module.verify
 
     def failing_verify(*args):
         records = real_verify(*args)
-        records[-1].passed, records[-1].message = False, "forced by the test"
+        records[-1] = dataclasses.replace(records[-1], verdict="fail",
+                                          message="forced by the test")
         return records
 
-    monkeypatch.setattr(pipeline_module, "_verify", failing_verify)
+    monkeypatch.setattr(pipeline_module, "verify", failing_verify)
     with pytest.raises(UserError, match="forced by the test"):
         convert(LinspacePositions(), example(), {"x": {0: "batch"}}, output_dir=out)
 
@@ -215,7 +218,7 @@ def test_interrupted_save_leaves_the_previous_model(good_model_dir, listdir, mon
     out, before = good_model_dir
     calls = []
 
-    real_write = save._fsync_write
+    real_write = files.fsync_write
 
     def half_then_fail(path, data):
         # the new pair is staged in a hidden directory inside out; verification saves a copy
@@ -227,7 +230,7 @@ def test_interrupted_save_leaves_the_previous_model(good_model_dir, listdir, mon
             f.write(data[: len(data) // 2])
         raise interruption
 
-    monkeypatch.setattr(save, "_fsync_write", half_then_fail)
+    monkeypatch.setattr(files, "fsync_write", half_then_fail)
     # A full disk is the user's to fix (clean error); Ctrl-C passes through untouched.
     expected = UserError if isinstance(interruption, OSError) else KeyboardInterrupt
     with pytest.raises(expected):
@@ -252,14 +255,14 @@ def test_completed_save_replaces_model_and_manifest(good_model_dir, listdir):
 def test_failure_writing_the_manifest_keeps_model_and_manifest_a_pair(good_model_dir, listdir,
                                                                       monkeypatch):
     out, _ = good_model_dir
-    real_write = save._fsync_write
+    real_write = files.fsync_write
 
     def fail_on_manifest(path, data):
         if path.name == "manifest.json" and path.parent.name.startswith(".qcexport-new-"):
             raise OSError(28, "No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(save, "_fsync_write", fail_on_manifest)
+    monkeypatch.setattr(files, "fsync_write", fail_on_manifest)
     with pytest.raises(UserError, match="could not write .* still holds the previous model and "
                        "manifest, unchanged"):
         convert(other_weights(), example(), {"x": {0: "batch"}}, output_dir=out)

@@ -24,7 +24,7 @@ from qcrun.errors import UserError
 
 import qcexport
 from qcexport.export import pipeline, save
-from qcexport.export.pipeline import Owned
+from qcexport.export.capture import Owned
 
 AXES = {"x": {0: "batch", 1: "tokens"}}
 
@@ -207,14 +207,14 @@ def test_an_owned_module_is_freed_once_exported(tmp_path, custom_modules, monkey
     owned = Owned(module)
     del module
     seen_alive = []
-    real_simplify = pipeline._simplify
+    real_simplify = pipeline.simplify
 
     def simplify(*args):
         gc.collect()
         seen_alive.append(sum(w() is not None for w in weights))
         return real_simplify(*args)
 
-    monkeypatch.setattr(pipeline, "_simplify", simplify)
+    monkeypatch.setattr(pipeline, "simplify", simplify)
     result = qcexport.convert(owned, {"x": _x(2, 5, 16)}, AXES, output_dir=tmp_path / "m")
     assert seen_alive == [0] and owned.module is None
     assert result.passed and {r.case for r in result.verification} == {"export_shape",

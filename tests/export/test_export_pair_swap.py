@@ -15,6 +15,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from qcrun import files
 
 from qcexport.export import save
 from qcexport.export.save import PairNotReplaced, save_model_and_manifest
@@ -111,7 +112,7 @@ def test_a_full_disk_leaves_the_previous_pair(existing, monkeypatch):
         with open(path, "wb") as f:
             f.write(data)
 
-    monkeypatch.setattr(save, "_fsync_write", full)
+    monkeypatch.setattr(files, "fsync_write", full)
     with pytest.raises(PairNotReplaced, match="No space left on device; .* still holds the "
                        "previous model and manifest, unchanged"):
         _save(existing, 2.0)
@@ -212,7 +213,7 @@ def test_quantize_failure_never_mixes_precisions(fp32_dir, tmp_path, monkeypatch
     with pytest.raises(PairNotReplaced, match="still holds the previous model and manifest"):
         quantize_model_dir(fp32_dir, "fp16", out)
     assert _snapshot(out) == before  # no fp16 model under the int8 manifest
-    monkeypatch.setattr(save, "_fsync_write", _enospc)
+    monkeypatch.setattr(files, "fsync_write", _enospc)
     with pytest.raises(PairNotReplaced, match="No space left on device"):
         quantize_model_dir(fp32_dir, "fp16", out)
     assert _snapshot(out) == before

@@ -20,10 +20,10 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from qcexport.cli import main
+from qcexport.export import capture as capture_module
 from qcexport.export import convert
-from qcexport.export import pipeline as pipeline_module
+from qcexport.export.capture import widen_trivial_axes
 from qcexport.export.outputs import flatten_outputs, plan_outputs
-from qcexport.export.pipeline import widen_trivial_axes
 
 AXES = {"x": {0: "batch", 1: "tokens"}}
 
@@ -204,7 +204,7 @@ def test_batch_one_declared_dynamic_runs_at_batch_three(tmp_path, custom_modules
 
 def test_without_widening_the_batch_axis_is_fixed(tmp_path, custom_modules, monkeypatch):
     """The guard above matters: exported at its example size of 1, the axis is fixed."""
-    monkeypatch.setattr(pipeline_module, "widen_trivial_axes", lambda t, a: (dict(t), {}))
+    monkeypatch.setattr(capture_module, "widen_trivial_axes", lambda t, a: (dict(t), {}))
     with pytest.raises(UserError, match="axis fixed"):
         convert(custom_modules["sdpa"]().eval(), {"x": _x(1, 5, 16)}, AXES,
                 output_dir=tmp_path / "m")

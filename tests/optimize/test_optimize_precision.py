@@ -12,10 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 from qcrun.errors import UserError
+from qcrun.graphs import all_graphs
 
 from qcexport import mechanisms
-from qcexport.export import convert_mechanism
-from qcexport.export.lowering import count_ops, iter_graphs
+from qcexport.export.lowering import count_ops
 from qcexport.optimize import check_target_precision, quantize_model_dir
 from qcexport.optimize.precision import (
     calibration_from_npz,
@@ -32,18 +32,12 @@ REDUCED = ("int8-dynamic", "int8-static", "fp16")
 
 
 @pytest.fixture(scope="module")
-def fp32_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fp32")
-    cache = {}
+def fp32_dirs(tiny_models):
+    """fp32_dirs(name, precision) -> the tiny fp32 export to reduce, shared by the session:
+    int8-static may export another form of the same math (spec.precision_overrides)."""
 
     def get(name: str, precision: str = "fp32"):
-        # int8-static may export another form of the same math (spec.precision_overrides)
-        key = (name, bool(mechanisms.get(name).precision_overrides.get(precision)))
-        if key not in cache:
-            out = root / f"{name}-{int(key[1])}"
-            convert_mechanism(name, "tiny", output_dir=out, precision=precision)
-            cache[key] = out
-        return cache[key]
+        return tiny_models.dir(name, "tiny", precision=precision)
 
     return get
 
@@ -65,7 +59,7 @@ def test_every_mechanism_in_every_precision_passes_its_policy(name, precision, f
 
 
 def _initializer_types(model):
-    return {t.data_type for g in iter_graphs(model.graph) for t in g.initializer}
+    return {t.data_type for g in all_graphs(model.graph) for t in g.initializer}
 
 
 def test_int8_initializers_really_are_int8(fp32_dirs, tmp_path):
@@ -93,7 +87,7 @@ def test_if_branch_matmuls_are_quantized(fp32_dirs, tmp_path):
     counts = result.manifest["quantization"]["counts"]
     assert counts["quantized"]["branches"] == 20 and counts["float"]["branches"] == 0
     model = onnx.load(tmp_path / "r" / "model.onnx")
-    branch_ops = [n.op_type for g in list(iter_graphs(model.graph))[1:] for n in g.node]
+    branch_ops = [n.op_type for g in list(all_graphs(model.graph))[1:] for n in g.node]
     assert "MatMulInteger" in branch_ops and "MatMul" not in branch_ops
 
 

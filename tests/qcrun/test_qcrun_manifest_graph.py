@@ -19,21 +19,17 @@ from click.testing import CliRunner
 from qcrun.cli import main as qcrun_main
 from qcrun.onnxfile import read_summary
 
-from qcexport.export.mechanism import convert_mechanism
-
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "golden" / "qformer" / "tiny"
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("graph")
+def exported(tiny_models) -> dict[str, Path]:
+    """The tiny Q-Former in each attention form, shared by the session: copy before editing."""
     return {
-        "onnx": convert_mechanism("qformer", "tiny", output_dir=root / "onnx").path.parent,
-        "ort": convert_mechanism("qformer", "tiny", attention="ort",
-                                 output_dir=root / "ort").path.parent,
-        "decomposed": convert_mechanism("qformer", "tiny", attention="decomposed", opset=17,
-                                        output_dir=root / "decomposed").path.parent,
+        "onnx": tiny_models.dir("qformer", "tiny"),
+        "ort": tiny_models.dir("qformer", "tiny", attention="ort"),
+        "decomposed": tiny_models.dir("qformer", "tiny", attention="decomposed", opset=17),
     }
 
 

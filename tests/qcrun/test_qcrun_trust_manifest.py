@@ -27,7 +27,6 @@ from qcrun.errors import UserError
 from qcrun.golden import file_sha256
 
 from qcexport.cli import main as qcexport_main
-from qcexport.export.mechanism import convert_mechanism
 from qcexport.export.pipeline import convert
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,10 +34,9 @@ GOLDEN = REPO / "golden" / "qformer" / "tiny"
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("exported")
-    return {name: convert_mechanism(name, "tiny", output_dir=root / name).path.parent
-            for name in ("qformer", "matryoshka")}
+def exported(tiny_models) -> dict[str, Path]:
+    """Tiny model directories shared by the session (testsupport.models): copy before editing."""
+    return {name: tiny_models.dir(name, "tiny") for name in ("qformer", "matryoshka")}
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ from qcrun.latency import (
     time_load,
 )
 from qcrun.profiling.gemm import DEFAULT_GEMM_SIZES, gemm_peak
-from qcrun.profiling.provenance import provenance
+from qcrun.profiling.provenance import Provenance, provenance
 from qcrun.profiling.records import OpBreakdown, PointResult, ProfileReport, TargetProfile, plain
 from qcrun.targets import Target, get_target
 
@@ -144,20 +144,7 @@ def profile_model(
     feed_cache = {point: {k: np.asarray(v) for k, v in feeds(point).items()} for point in points}
     flop_counts = _count_all(model_path, points, feed_cache, report, say) if count else {}
 
-    prov = None
-    if op_runs:
-        try:
-            prov = provenance(model_path)
-        except UserError as e:  # onnx missing: op types still fold, modules do not
-            report.warnings.append(f"module attribution is off: {e}")
-        else:
-            if not prov.has_metadata:
-                report.warnings.append(
-                    "the model's nodes carry no module metadata (namespace / "
-                    "pkg.torch.onnx.name_scopes), so per-module times are not available; the "
-                    "dynamo exporter writes it, and a simplifier or optimiser that rebuilds "
-                    "nodes drops it"
-                )
+    prov = _provenance(model_path, report) if op_runs else None
 
     for target in resolved:
         ok, reason = availability(target)
@@ -175,6 +162,23 @@ def profile_model(
                             say=say)
         )
     return report
+
+
+def _provenance(model_path: Path, report: ProfileReport) -> Provenance | None:
+    """The model's node -> module map, or None (with a warning) when it cannot be read."""
+    try:
+        prov = provenance(model_path)
+    except UserError as e:  # onnx missing: op types still fold, modules do not
+        report.warnings.append(f"module attribution is off: {e}")
+        return None
+    if not prov.has_metadata:
+        report.warnings.append(
+            "the model's nodes carry no module metadata (namespace / "
+            "pkg.torch.onnx.name_scopes), so per-module times are not available; the "
+            "dynamo exporter writes it, and a simplifier or optimiser that rebuilds "
+            "nodes drops it"
+        )
+    return prov
 
 
 def _sweep_of(points: Sequence[SweepPoint]) -> dict[str, list[int]]:
