@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -18,6 +20,7 @@ def own_model_snippet() -> str:
     return blocks[0]
 
 
+@pytest.mark.slow
 def test_own_model_snippet_runs(tmp_path):
     code = own_model_snippet()
     assert "qcexport.convert(" in code and "qcrun.load(" in code

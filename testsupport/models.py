@@ -8,8 +8,8 @@ read-only by contract: a test that edits a model copies it first (``tiny_models.
 contract is checked: every file is hashed after the export and again at the end of the
 session, and a changed or missing file fails the session with the files named.
 
-Tests that use ``tiny_models`` (directly or through another fixture) are marked ``slow``; the
-fast tier (``make test-fast``) deselects them.
+Tests that use ``tiny_models`` (directly or through another fixture) are marked ``slow``, as
+are the other tests that take seconds; the fast tier (``make test-fast``) deselects them.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ if getattr(qcrun, "__file__", None) is None:
                       "not the package: is a tests/ folder on sys.path?")
 
 SLOW = "slow"
+#: Fixtures that make models (seconds each): a test that uses one, even through another
+#: fixture, is marked slow. ``tiny_hf`` saves the Hugging Face tiny models (tests/hf).
+SLOW_FIXTURES = frozenset({"tiny_models", "tiny_hf"})
 Exporter = Callable[..., Any]
 
 
@@ -137,5 +140,5 @@ def tiny_models(tmp_path_factory):
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if "tiny_models" in getattr(item, "fixturenames", ()):
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(SLOW)

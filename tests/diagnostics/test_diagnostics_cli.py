@@ -19,6 +19,9 @@ from qcrun.cli import main as qcrun_main
 from qcexport.cli import main as qcexport_main
 from qcexport.golden import golden_dir
 
+# Runs the mechanisms and their exports through the CLIs: `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
+
 
 def qcexport(*args):
     return CliRunner().invoke(qcexport_main, [str(a) for a in args])

@@ -107,6 +107,7 @@ def test_one_token_case_peaks_at_that_token(tokens, token, cell, eager_maps):
     assert (r // size, c // size) == cell
 
 
+@pytest.mark.slow
 def test_routing_returns_maps_only_for_the_branch_that_ran(golden_feed, eager_maps):
     spec = mechanisms.get("routing")
     seen = set()

@@ -16,6 +16,9 @@ from qcrun.errors import UserError
 
 from qcexport.cli import main
 
+# Converts and quantizes (seconds each): `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
+
 FACTORIES = textwrap.dedent('''
     import sys
     import torch

@@ -122,6 +122,7 @@ def test_target_that_refuses_the_attention_form(tmp_path, monkeypatch, listdir):
     assert listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_unknown_mechanism_from_the_installed_script(tmp_path):
     script = Path(sys.executable).parent / "qcexport"
     proc = subprocess.run([str(script), "convert", "nosuch", "-o", str(tmp_path / "out")],
@@ -161,6 +162,7 @@ def test_module_whose_forward_raises_fails_at_the_eager_stage(factory_module, tm
     assert listdir(tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_data_dependent_control_flow_is_a_clean_export_error(factory_module, tmp_path, listdir):
     mod = factory_module(DATA_DEPENDENT)
     result = invoke("convert", "--module", f"{mod}:make", "-o", str(tmp_path / "out"))
@@ -178,6 +180,7 @@ def test_output_that_is_a_file(tmp_path, monkeypatch):
     assert (tmp_path / "taken").read_text() == "not a directory"
 
 
+@pytest.mark.slow
 def test_convert_qformer_decomposed(tmp_path, monkeypatch, listdir):
     monkeypatch.chdir(tmp_path)
     result = invoke("convert", "qformer", "--attention", "decomposed", "-o", "qf")
@@ -200,6 +203,7 @@ def test_convert_qformer_decomposed(tmp_path, monkeypatch, listdir):
     assert len(verify_lines) == 2 and all(line.endswith(" ok") for line in verify_lines)
 
 
+@pytest.mark.slow
 def test_convert_module_json(factory_module, tmp_path):
     mod = factory_module(SDPA_FACTORY)
     result = invoke("convert", "--module", f"{mod}:make", "-o", "mine", "--json")

@@ -24,6 +24,9 @@ from qcexport.export import convert
 from qcexport.export import pipeline as pipeline_module
 from qcexport.export.lowering import MS_DOMAIN, count_ops
 
+# Every test converts a module (seconds each): `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
+
 AXES = {"x": {0: "batch", 1: "tokens"}}
 
 

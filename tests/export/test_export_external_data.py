@@ -26,6 +26,9 @@ import qcexport
 from qcexport.export import pipeline, save
 from qcexport.export.capture import Owned
 
+# Every test converts a module (seconds each): `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
+
 AXES = {"x": {0: "batch", 1: "tokens"}}
 
 

@@ -202,6 +202,7 @@ def fp32_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_quantize_failure_never_mixes_precisions(fp32_dir, tmp_path, monkeypatch):
     from qcexport.optimize import quantize_model_dir
 

@@ -25,6 +25,9 @@ from qcexport.export import convert
 from qcexport.export.capture import widen_trivial_axes
 from qcexport.export.outputs import flatten_outputs, plan_outputs
 
+# Every test converts a module (seconds each): `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
+
 AXES = {"x": {0: "batch", 1: "tokens"}}
 
 

@@ -43,6 +43,7 @@ def test_eager_reproduces_golden(name):
     assert eager_drift(gset) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", mechanisms.names())
 def test_parity_gate(name, tmp_path):
     run = parity_for_mechanism(name, "tiny", GATE_TARGETS, work_dir=tmp_path,

@@ -91,6 +91,7 @@ def test_eager_drift_catches_an_edited_output(tmp_path):
     assert float(drift[0].split("max abs ")[1].split(" ")[0]) == pytest.approx(0.01, rel=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("forge", [_perturb_weight, _edit_output])
 def test_parity_name_fails_on_a_forged_golden_set(tmp_path, forge):
     copy = _copy(tmp_path)

@@ -103,6 +103,7 @@ def test_module_that_returns_no_tensor(command, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_without_transformers_the_error_gives_the_install_command(tiny_hf, tmp_path):
     script = (
         "import sys; sys.modules['transformers'] = None\n"

@@ -22,6 +22,9 @@ from qcrun.targets import list_targets
 from qcexport.cli import main as qcexport_main
 from qcexport.commands.profile import spec_feeds
 
+# Profiles on real engines through the CLIs: `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
+
 FAST = ["--runs", "4", "--warmup", "1", "--op-runs", "2", "--gemm-sizes", "64"]
 
 

@@ -40,6 +40,7 @@ def _svgs(page: str) -> dict[str, ET.Element]:
     return plots
 
 
+@pytest.mark.slow
 def test_html_has_the_plots(report):
     page = render_html(report)
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")

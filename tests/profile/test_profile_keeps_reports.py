@@ -31,6 +31,7 @@ def good_reports(toy_dir, tmp_path):
     return args, {p: p.read_bytes() for p in paths.values()}
 
 
+@pytest.mark.slow
 def test_a_profile_where_nothing_ran_keeps_the_previous_report(toy_dir, good_reports):
     absent = [t.name for t in list_targets() if not availability(t)[0]]
     if not absent:
@@ -44,6 +45,7 @@ def test_a_profile_where_nothing_ran_keeps_the_previous_report(toy_dir, good_rep
     assert {p: p.read_bytes() for p in before} == before
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_a_clean_error_that_keeps_the_file(toy_dir, good_reports, monkeypatch):
     args, before = good_reports
 

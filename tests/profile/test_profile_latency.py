@@ -81,6 +81,7 @@ class FakeClock:
         return fn
 
 
+@pytest.mark.slow
 def test_warmup_is_never_timed():
     clock = FakeClock()
     durations = iter([100.0] * 3 + [0.01, 0.02, 0.03])  # 3 slow warm-up calls, then fast ones
@@ -93,6 +94,7 @@ def test_warmup_is_never_timed():
     assert timing.warmup == 3
 
 
+@pytest.mark.slow
 def test_budget_stops_after_it_is_spent():
     clock = FakeClock()
     timing = time_calls(clock.work(0.1), warmup=0, budget_s=1.0, clock=clock)
@@ -100,6 +102,7 @@ def test_budget_stops_after_it_is_spent():
     assert timing.warnings == []
 
 
+@pytest.mark.slow
 def test_runs_and_budget_whichever_ends_first():
     clock = FakeClock()
     assert len(time_calls(clock.work(0.1), warmup=0, runs=4, budget_s=10, clock=clock)
@@ -108,6 +111,7 @@ def test_runs_and_budget_whichever_ends_first():
                .samples_s) == 5
 
 
+@pytest.mark.slow
 def test_budget_shorter_than_one_run_reports_one_run_and_warns():
     clock = FakeClock()
     timing = time_calls(clock.work(2.0), warmup=1, budget_s=0.5, clock=clock)
@@ -116,6 +120,7 @@ def test_budget_shorter_than_one_run_reports_one_run_and_warns():
     assert "shorter than one run" in timing.warnings[0]
 
 
+@pytest.mark.slow
 def test_few_runs_warn_about_tail_percentiles():
     clock = FakeClock()
     timing = time_calls(clock.work(0.01), warmup=0, runs=3, clock=clock)

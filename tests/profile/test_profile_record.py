@@ -46,6 +46,7 @@ def report(toy_dir) -> ProfileReport:
     )
 
 
+@pytest.mark.slow
 def test_points_statistics_come_from_their_samples(report, lib):
     ort = report.target("ort-cpu")
     assert ort.status == "ok"
@@ -150,6 +151,7 @@ def test_markdown_table(report):
     assert "## ort-cpu: per-op time at batch=1 tokens=257" in text
 
 
+@pytest.mark.slow
 def test_gemm_peak_is_the_fastest_size_of_the_same_engine():
     peak = gemm_peak("ort-cpu", {"graph_optimization_level": "all"}, sizes=(64, 96), runs=4)
     assert set(peak.rates) == {64, 96}
@@ -173,6 +175,7 @@ def test_module_scopes_from_exporter_metadata():
     assert parse_scopes({}) is None
 
 
+@pytest.mark.slow
 def test_model_without_module_metadata_says_so(tmp_path, lib):
     model_dir = lib.write_model_dir(tmp_path / "bare", lib.attention_graph_model(metadata=False))
     report = profile_model(model_dir / "model.onnx", ["ort-cpu"],
@@ -193,6 +196,7 @@ class SlowLoadingOrtAdapter(OrtAdapter):
         return super()._load()
 
 
+@pytest.mark.slow
 def test_no_timed_run_includes_session_creation(toy_dir):
     loads = []
 
@@ -214,6 +218,7 @@ def test_no_timed_run_includes_session_creation(toy_dir):
     assert max(samples) < LOAD_DELAY_S * 1e3 / 5, samples
 
 
+@pytest.mark.slow
 def test_budget_too_short_for_one_run_reports_one_run(toy_dir):
     report = profile_model(toy_dir / "model.onnx", ["ort-cpu"],
                            [SweepPoint.of({"batch": 1, "tokens": 9})], _feeds(toy_dir),
@@ -231,6 +236,7 @@ def test_bad_plans_fail_before_loading_anything(toy_dir, kwargs):
                       lambda p: {}, adapter_factory=pytest.fail, **kwargs)
 
 
+@pytest.mark.slow
 def test_feed_arrays_are_built_once_per_point(toy_dir):
     built = []
 

@@ -146,6 +146,7 @@ def test_qcexport_parity_reads_both_spellings(model_dir, tmp_path, spelling):
     _ran_on_both(json.loads(report.read_text()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spelling", ["target-repeated", "targets-comma"])
 @pytest.mark.parametrize("cli", ["qcrun", "qcexport"])
 def test_profile_reads_both_spellings(model_dir, tmp_path, cli, spelling):
