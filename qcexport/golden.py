@@ -49,6 +49,7 @@ from qcrun.golden import (
 )
 
 from qcexport import mechanisms
+from qcexport.export.mechanism import module_from_golden
 from qcexport.export.pipeline import eager_outputs
 from qcexport.export.save import write_bytes_atomic
 from qcexport.mechanisms.registry import Case
@@ -70,6 +71,18 @@ def golden_dir(name: str, preset: str, root: str | Path | None = None) -> Path:
     return Path(root or golden_root()) / name / preset
 
 
+def golden_path(name: str | None, preset: str | None, golden: str | Path | None = None,
+                *, root: str | Path | None = None) -> Path | None:
+    """Where the golden set to compare a model of mechanism ``name`` at ``preset`` with is:
+    ``golden`` when given, else the built-in set (:func:`golden_dir`); None for a custom
+    module, which has no built-in set (the caller says so in its own words)."""
+    if golden is not None:
+        return Path(golden)
+    if name not in mechanisms.names() or not preset:
+        return None
+    return golden_dir(name, preset, root)
+
+
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """An .npz archive with fixed timestamps: the same arrays always give the same bytes."""
     buf = io.BytesIO()
@@ -86,31 +99,6 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 def state_dict_arrays(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
-
-
-def load_weights(module: torch.nn.Module, golden: GoldenSet) -> torch.nn.Module:
-    """Load the golden set's weights (already hash-verified by load_golden) into ``module``."""
-    path = golden.weights_path
-    with np.load(path, allow_pickle=False) as data:
-        state = {k.removesuffix(".npy"): torch.from_numpy(data[k].copy()) for k in data.files}
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(
-            f"golden weights at {path} do not fit the module (missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]})",
-            stage="golden",
-            hint=f"the reference module changed; regenerate with `qcexport golden "
-            f"{golden.mechanism} --preset {golden.preset} --update`",
-        )
-    return module
-
-
-def module_from_golden(golden: GoldenSet) -> torch.nn.Module:
-    """The reference module with the golden set's config and weights."""
-    spec = mechanisms.get(golden.mechanism)
-    config = spec.config_cls(**golden.manifest.config)
-    torch.manual_seed(0)
-    return load_weights(spec.builder(config).eval(), golden)
 
 
 @dataclass
@@ -358,11 +346,11 @@ def write_module_golden(
     weights included) needs ``update=True``. A directory that holds files but no golden set is
     refused, never overwritten.
     """
-    from qcexport.export.outputs import split_inputs
+    from qcexport.export.outputs import bind_inputs, split_inputs
 
     directory = Path(out_dir)
     module = module.eval()
-    tensors, fixed = split_inputs(example_inputs, constants)
+    tensors, fixed = split_inputs(bind_inputs(module, example_inputs), constants)
     axes = {k: dict(v) for k, v in (dynamic_axes or {}).items() if k in tensors}
     made = (module_cases(tensors, axes, seed=seed) if cases is None
             else _user_cases(cases, tensors, fixed))

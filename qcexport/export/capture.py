@@ -24,6 +24,7 @@ from torch import nn
 
 from qcexport.export.outputs import (
     OutputPlan,
+    bind_inputs,
     flat_module,
     named_outputs,
     plan_outputs,
@@ -32,6 +33,7 @@ from qcexport.export.outputs import (
 )
 from qcexport.export.torch_export import AxisMap, ExportedGraph, export_module
 from qcexport.mechanisms.attention import set_fused
+from qcexport.mechanisms.registry import AxisRoles
 from qcexport.stages import StageRunner
 
 Cases = list[tuple[str, dict[str, torch.Tensor]]]
@@ -174,20 +176,24 @@ def widen_trivial_axes(
 
 
 def resample(
-    example: Mapping[str, torch.Tensor], resize_axes: AxisMap, seed: int
+    example: Mapping[str, torch.Tensor], resize_axes: AxisMap, seed: int,
+    roles: AxisRoles | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Fresh inputs like ``example``; every axis named in ``resize_axes`` grows.
+    """Fresh inputs like ``example``; every axis named in ``resize_axes`` grows: the batch
+    axis (``roles.batch``; default: the registry's default roles) by one, any other by half
+    (at least 3).
 
     Floats are standard normal; integers are drawn from the example's own range (token ids
     stay valid ids) and 0-d integers (counts such as m) are kept; booleans are all True, since
     a random mask could hide every key.
     """
     g = torch.Generator().manual_seed(seed)
+    batch = (roles or AxisRoles()).batch
     new_size: dict[str, int] = {}
     for name, axes in resize_axes.items():
         for axis, label in axes.items():
             old = example[name].shape[axis]
-            new_size.setdefault(label, old + (1 if label == "batch" else max(3, old // 2)))
+            new_size.setdefault(label, old + (1 if label == batch else max(3, old // 2)))
     out = {}
     for name, t in example.items():
         shape = list(t.shape)
@@ -205,9 +211,50 @@ def resample(
     return out
 
 
-def _references(module: nn.Module, verify_inputs) -> dict[str, list[torch.Tensor]]:
-    """PyTorch eager outputs of every verification case, in output order."""
-    return {case: eager_outputs(module, inputs) for case, inputs in verify_inputs}
+def _references(module: nn.Module, verify_inputs, example: Mapping[str, torch.Tensor],
+                input_axes: Mapping[str, Mapping[int, str]]) -> dict[str, list[torch.Tensor]]:
+    """PyTorch eager outputs of every verification case, in output order. A module that
+    fails at sizes other than the example's fixes those axes itself: a UserError says which."""
+    references = {}
+    for case, inputs in verify_inputs:
+        try:
+            references[case] = eager_outputs(module, inputs)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise _fails_at_other_sizes(module, case, inputs, example, input_axes, exc) from exc
+    return references
+
+
+def _fails_at_other_sizes(module, case: str, inputs, example, input_axes,
+                          exc: Exception) -> UserError:
+    """The error for a verification case the module itself cannot run. Each axis that case
+    resized is tried alone, so the message names the axes the module fixes."""
+    sizes = {label: (inputs[name].shape[axis], tensor.shape[axis])
+             for name, tensor in example.items()
+             for axis, label in input_axes.get(name, {}).items()
+             if name in inputs and inputs[name].shape[axis] != tensor.shape[axis]}
+    culprits = []
+    for label in sizes:
+        alone = {n: {a: lb for a, lb in axes.items() if lb == label}
+                 for n, axes in input_axes.items()}
+        try:
+            eager_outputs(module, resample(example, alone, seed=3))
+        except Exception:
+            culprits.append(label)
+    changed = [f"{label}={sizes[label][0]} (example {sizes[label][1]})"
+               for label in (culprits or sizes)]
+    if not changed:
+        return UserError(
+            f"the module's forward fails on verification case {case!r}: "
+            f"{type(exc).__name__}: {exc}", stage="eager",
+            hint="fix the module or the verification inputs")
+    return UserError(
+        f"axis fixed by the module: its forward fails at {', '.join(changed)}, sizes declared "
+        f"dynamic: {type(exc).__name__}: {exc}", stage="eager",
+        hint="the module only accepts the example's size on that axis (e.g. a learned "
+             "position table): remove the axis from dynamic_axes, or make the module accept "
+             "other sizes (e.g. interpolate the positions)")
 
 
 def _input_axes(dynamic_axes: Mapping[str, Mapping[int, str]], tensors, constants,
@@ -291,7 +338,7 @@ def capture(
         del owned
     module = module.eval()
     dynamic_axes = dict(dynamic_axes or {})
-    tensors, constants = split_inputs(example_inputs, constants)
+    tensors, constants = split_inputs(bind_inputs(module, example_inputs), constants)
     returned, leaves = stages("eager", _run_eager, module, {**tensors, **constants})
     plan = plan_outputs(leaves, output_names)
     input_axes = _input_axes(dynamic_axes, tensors, constants, plan.names)
@@ -307,7 +354,7 @@ def capture(
              for case, inputs in verify_inputs]
     flat = _flat(module, returned, tensors, constants, plan)
     del returned
-    references = stages("eager", _references, flat, cases)
+    references = stages("eager", _references, flat, cases, tensors, input_axes)
     wsha = weights_sha256(module)
     exported = stages("export", _export, flat, module, example, plan.names, input_axes, form,
                       widened, base_dir)

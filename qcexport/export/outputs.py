@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import keyword
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -113,6 +114,40 @@ def require_tensors(out: Any) -> list[tuple[OutputLeaf, torch.Tensor]]:
             "ModelOutput of tensors); check the non-tensor arguments (e.g. return_dict)",
         )
     return leaves
+
+
+def bind_inputs(module: nn.Module, example_inputs: Any) -> dict[str, Any]:
+    """The example inputs as keyword arguments of ``module.forward``: a mapping as it is; a
+    tensor, tuple or list bound positionally to the forward's parameters (as
+    ``torch.onnx.export(module, args)`` takes them), so each input is named after its
+    parameter."""
+    if isinstance(example_inputs, Mapping):
+        return dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise UserError(
+            f"example inputs are a {type(example_inputs).__name__}; expected a dict of "
+            "keyword arguments or a tuple of positional ones", stage="export",
+            hint="pass {'name': tensor, ...} with the forward's parameter names")
+    try:
+        bound = inspect.signature(module.forward).bind(*example_inputs)
+    except (TypeError, ValueError) as e:
+        raise UserError(
+            f"{len(example_inputs)} positional example inputs do not fit "
+            f"{type(module).__name__}.forward: {e}", stage="export",
+            hint="pass a dict of keyword arguments named after the forward's parameters") from None
+    params = inspect.signature(module.forward).parameters
+    variadic = [n for n in bound.arguments
+                if params[n].kind in (inspect.Parameter.VAR_POSITIONAL,
+                                      inspect.Parameter.VAR_KEYWORD)]
+    if variadic:
+        raise UserError(
+            f"{type(module).__name__}.forward takes *{variadic[0]}: positional example inputs "
+            "cannot be named", stage="export",
+            hint="pass a dict of keyword arguments, or wrap the module in one with named "
+                 "parameters")
+    return dict(bound.arguments)
 
 
 def split_inputs(
@@ -234,7 +269,10 @@ def flat_module(module: nn.Module, input_names: Sequence[str], constants: Mappin
     exec(f"def forward(self, {args}):\n    return self._qcx_flat(dict({call}))\n", namespace)
     cls = type(f"{base.__name__}Flat", (_FlatForward, base),
                {"forward": namespace["forward"], "_qcx_base_forward": base.forward,
-                "__module__": __name__})
+                # The subclass carries the user's class name: libraries key per-class
+                # registries on str(type(module)) (transformers records hidden states and
+                # attentions only for classes registered under their own name).
+                "__module__": base.__module__, "__qualname__": base.__qualname__})
     flat = copy.copy(module)  # a new object over the same parameter and module dicts
     flat.__class__ = cls
     flat._qcx_constants = dict(constants)
