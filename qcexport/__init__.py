@@ -279,12 +279,12 @@ def profile(
     from qcrun.latency import check_sweep, plan_sweep, sweep_points, synthetic_feeds
     from qcrun.profile import profile_model
 
-    from qcexport.commands.profile import spec_feeds
+    from qcexport.mechanisms.feeds import spec_feeds
 
     model = read_model_dir(model_dir, stage="profile")  # hashes and precision checked
     manifest = model.manifest
-    sweep = plan_sweep(manifest.input_specs(), batch=list(batch), tokens=list(tokens),
-                       axes=list(axes))
+    sweep = plan_sweep(manifest.input_specs(), roles=manifest.roles, batch=list(batch),
+                       tokens=list(tokens), axes=list(axes))
     check_sweep(manifest.input_specs(), sweep, manifest.dynamic_axes)
     feeds = spec_feeds(manifest) or synthetic_feeds(model)
     names = [targets] if isinstance(targets, str) else list(targets)

@@ -62,6 +62,7 @@ from qcrun.targets import (
 )
 
 from qcexport.export.pipeline import MANIFEST_FILE, MODEL_FILE
+from qcexport.replace import replace_dir
 from qcexport.stages import StageCallback, StageRunner
 
 #: Not a host parity target by default: a slow pure-Python second opinion, not a runtime.
@@ -283,16 +284,16 @@ def _builtin(manifest: Mapping[str, Any]) -> bool:
 
 def _golden_set(manifest, golden, scratch: Path) -> tuple[GoldenSet, str]:
     """The golden set the subset comes from, and where it came from (in words)."""
-    from qcexport.golden import golden_dir, write_golden
+    from qcexport.golden import golden_path, write_golden
 
     name, preset = manifest["mechanism"], manifest.get("preset")
     if golden is not None:
         return (load_golden(golden, mechanism=name if _builtin(manifest) else None,
                             preset=preset), f"{golden}")
-    if not _builtin(manifest):
+    directory = golden_path(name, preset)
+    if directory is None:
         raise UserError(f"the model is a custom module ({name!r}): there is no built-in golden "
                         "set for it", hint="pass --golden DIR with golden data for this model")
-    directory = golden_dir(name, preset)
     if (directory / GOLDEN_MANIFEST).is_file():
         return load_golden(directory, mechanism=name, preset=preset), str(directory)
     # No committed set (e.g. the base preset): write one from PyTorch eager, as `qcexport
@@ -307,17 +308,10 @@ def _golden_module(manifest, gset: GoldenSet):
     model's own weights; None for a custom module (it cannot be rebuilt here)."""
     if not _builtin(manifest):
         return None
-    from qcexport import mechanisms
+    from qcexport.export.mechanism import module_from_golden
     from qcexport.export.pipeline import weights_sha256
-    from qcexport.golden import load_weights
 
-    spec = mechanisms.get(manifest["mechanism"])
-    config = spec.config_cls(**manifest["config"]) if manifest.get("config") else spec.config(
-        manifest.get("preset", "tiny"))
-    import torch
-
-    torch.manual_seed(0)
-    module = load_weights(spec.builder(config).eval(), gset)
+    module = module_from_golden(gset, _config(manifest))
     wanted = manifest.get("weights_sha256")
     if wanted and weights_sha256(module) != wanted:
         raise UserError(
@@ -381,38 +375,25 @@ def _model_for_target(model_dir: Path, manifest, module, target: Target, precisi
     return work / precision, reason
 
 
-def _reexport(manifest, module, target: Target, out: Path) -> Path:
-    """Export the (golden-weights) module again in the target's preferred form; verified."""
+def _config(manifest: Mapping[str, Any]):
+    """The config of a built-in mechanism's model, as its manifest recorded it."""
     from qcexport import mechanisms
-    from qcexport.export.pipeline import convert
 
     spec = mechanisms.get(manifest["mechanism"])
-    config = spec.config_cls(**manifest["config"]) if manifest.get("config") else spec.config(
-        manifest.get("preset", "tiny"))
-    output_names, dynamic_axes, extra = spec.output_names, spec.dynamic_axes, {}
-    maps = manifest.get("attention_maps")
-    if maps:
-        from qcexport.export.maps import with_attention_maps
+    return spec.saved_config(manifest.get("config"), manifest.get("preset"))
 
-        module = with_attention_maps(module, spec.name, spec.output_names,
-                                     heads=maps.get("heads", "mean"))
-        output_names = module.output_names
-        dynamic_axes = module.maps_dynamic_axes(spec.dynamic_axes)
-        extra = {"attention_maps": module.maps_descriptor()}
-    result = convert(
-        module,
-        spec.inputs(config, spec.export_case, seed=0),
-        dynamic_axes,
-        output_names=output_names,
-        target=target.name,
-        attention="auto",
-        output_dir=out,
-        verify_inputs=[("export_shape", spec.inputs(config, spec.export_case, seed=1)),
-                       (spec.verify_case.name + "_shape",
-                        spec.inputs(config, spec.verify_case, seed=2))],
-        metadata={"mechanism": spec.name, "preset": manifest.get("preset"),
-                  "config": dataclasses.asdict(config), **extra},
-    )
+
+def _reexport(manifest, module, target: Target, out: Path) -> Path:
+    """Export the (golden-weights) module again in the target's preferred form; verified.
+    The module is handed over: the caller does not use it again."""
+    from qcexport import mechanisms
+    from qcexport.export.mechanism import export_spec_module
+
+    maps = manifest.get("attention_maps")
+    result = export_spec_module(
+        mechanisms.get(manifest["mechanism"]), _config(manifest), module,
+        preset=manifest.get("preset"), maps_heads=maps.get("heads", "mean") if maps else None,
+        target=target.name, attention="auto", output_dir=out)
     return result.path.parent
 
 
@@ -487,7 +468,7 @@ def _shape_ranges(manifest, subset: GoldenSet, target: Target, widen
                 f"{seen[0]} to {seen[2]}, which verify runs on the device",
                 hint=f"widen it to include {seen[0]}..{seen[2]}")
         ranges[axis] = (low, opt, high)
-    if target.needs_profile_shapes:
+    if target.needs_shape_ranges:
         # The same pure function the adapter calls on the device: an axis without a range is
         # an error here, on the host, not on the Jetson.
         tensorrt_provider_options(shapes, ranges, cache_dir=".")
@@ -495,19 +476,19 @@ def _shape_ranges(manifest, subset: GoldenSet, target: Target, widen
 
 
 def _materialised_policy(base: TolerancePolicy) -> TolerancePolicy:
-    """The host's policy with every target profile's overrides written in: a device that
+    """The host's policy with every target's overrides written in: a device that
     trusts the bundle's signature then judges with these numbers on any qcrun version
-    (``use_target_profiles`` off)."""
+    (``use_target_settings`` off)."""
     targets = {name: {s: dict(f) for s, f in scopes.items()}
                for name, scopes in base.targets.items()}
     for t in list_targets():
         for precision, fields in t.tolerance_overrides.items():
             scopes = targets.setdefault(t.name, {})
-            # resolve applies profile, then "*", then the precision: keep that order in one.
+            # resolve applies the target's, then "*", then the precision: keep that order.
             scopes[precision] = {**fields, **scopes.get("*", {}), **scopes.get(precision, {})}
     return TolerancePolicy(defaults=dict(base.defaults), targets=targets,
                            outputs={k: dict(v) for k, v in base.outputs.items()},
-                           use_target_profiles=False)
+                           use_target_settings=False)
 
 
 def _host_targets(bundle_target: Target, manifest, precision: str, host_targets) -> list[str]:
@@ -552,7 +533,7 @@ def _host_parity(model: Path, subset: GoldenSet, manifest, policy, precision, ta
 
 def _write_model_manifest(staging: Path, manifest, target: Target, policy) -> None:
     data = dict(manifest)
-    data.update({"golden": fmt.GOLDEN_DIR, "tolerances": policy.to_dict(), "target": target.name,
+    data.update({"golden": fmt.GOLDEN_DIR, "tolerances": dump(policy), "target": target.name,
                  "model": MODEL_FILE})
     write_atomic(staging / MANIFEST_FILE, manifest_json(data))
     os.chmod(staging / MANIFEST_FILE, 0o644)
@@ -587,7 +568,7 @@ def _bundle_manifest(name, target: Target, precision, model_manifest, source_man
         "outputs": m["outputs"],
         "dynamic_axes": m.get("dynamic_axes", {}),
         "profile_shapes": {axis: list(r) for axis, r in ranges.items()},
-        "tolerances": policy.to_dict(),
+        "tolerances": dump(policy),
         "provenance": {
             "mechanism": m.get("mechanism"),
             "preset": m.get("preset"),
@@ -647,21 +628,10 @@ def _finish(staging: Path, manifest, final: Path, archive: bool, name: str, key
         if key is not None:
             bundle.authenticate(trusted_keys=[key.public_key()])
     if not check.ok or check.extra:
-        raise RuntimeError(f"freshly written bundle does not verify: {check.to_dict()}")
-    _require_replaceable(final)
+        raise RuntimeError(f"freshly written bundle does not verify: {dump(check)}")
     if archive:
+        _require_replaceable(final)
         fmt.pack_archive(staging, final, arcname=name)
-        return written, signed_by
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    try:
-        os.replace(staging, final)
-    except BaseException:
-        if old is not None:
-            os.replace(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    else:
+        replace_dir(staging, final, _require_replaceable)
     return written, signed_by

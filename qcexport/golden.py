@@ -53,6 +53,7 @@ from qcexport.export.mechanism import module_from_golden
 from qcexport.export.pipeline import eager_outputs
 from qcexport.export.save import write_bytes_atomic
 from qcexport.mechanisms.registry import Case
+from qcexport.replace import replace_dir
 
 WEIGHTS_FILE = "weights.npz"
 GOLDEN_SEED = 1000  # case i uses GOLDEN_SEED + i: distinct from export/verify/calibration seeds
@@ -265,20 +266,22 @@ def _parent(directory: Path) -> Path:
 
 
 def _claim(staged: Path, directory: Path) -> None:
-    """Move the staged set to ``directory``: renamed when it does not exist, else moved into
-    it when it is empty (an empty directory made for it); never over someone's files."""
+    """Move the staged set to ``directory``: it may replace an empty directory (one made for
+    it), never someone's files."""
     os.chmod(staged, 0o777 & ~_umask())
-    if not directory.exists():
-        os.replace(staged, directory)
-        return
-    taken = sorted(item.name for item in staged.iterdir() if (directory / item.name).exists())
-    if taken:
-        raise UserError(f"{directory} holds {', '.join(taken)} but no golden set ({MANIFEST})",
+    replace_dir(staged, directory, _require_empty)
+
+
+def _require_empty(directory: Path) -> None:
+    """Refuse to replace anything but an empty directory (nothing there is lost)."""
+    if not directory.is_dir():
+        raise UserError(f"{directory} is a file, not a golden set directory", stage="golden",
+                        hint="write the set elsewhere; nothing was written")
+    held = sorted(item.name for item in directory.iterdir())
+    if held:
+        raise UserError(f"{directory} holds {', '.join(held)} but no golden set ({MANIFEST})",
                         stage="golden", hint="remove those files or write the set elsewhere; "
                         "nothing was written")
-    for item in staged.iterdir():
-        os.replace(item, directory / item.name)
-    staged.rmdir()
 
 
 def _describe(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:

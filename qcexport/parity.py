@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from qcrun.engines import availability
 from qcrun.errors import UserError
 from qcrun.files import read_model_dir
-from qcrun.golden import GoldenSet, load_golden
+from qcrun.golden import load_golden
 from qcrun.parity import (
     ParityReport,
     environment,
@@ -24,11 +25,12 @@ from qcrun.parity import (
     required_targets,
     run_parity,
 )
-from qcrun.targets import availability, get_target
+from qcrun.targets import get_target
 
 from qcexport import mechanisms
-from qcexport.export.pipeline import MODEL_FILE, convert
-from qcexport.golden import eager_drift, golden_dir, module_from_golden
+from qcexport.export.mechanism import rebuild_from_golden
+from qcexport.export.pipeline import MODEL_FILE
+from qcexport.golden import eager_drift, golden_path
 
 
 @dataclass
@@ -60,11 +62,10 @@ def parity_for_model_dir(
     model = read_model_manifest(model_dir)
     manifest = model.manifest
     name, preset = manifest.mechanism, manifest.preset
+    golden = golden_path(name, preset, golden)
     if golden is None:
-        if name not in mechanisms.names() or not preset:
-            raise UserError(f"{model_dir} holds a custom module: there is no built-in golden set",
-                            stage="parity", hint="pass --golden DIR")
-        golden = golden_dir(name, preset)
+        raise UserError(f"{model_dir} holds a custom module: there is no built-in golden set",
+                        stage="parity", hint="pass --golden DIR")
     gset = load_golden(golden, mechanism=name if manifest.builtin else None, preset=preset)
     model.check_weights(gset)
     policy = policy_for(model.precision, policy_file=policy_file)
@@ -86,7 +87,7 @@ def parity_for_mechanism(
     """Each target runs the module exported in the form it prefers; each one named must run
     unless ``optional``."""
     mechanisms.get(name)  # neither a model directory nor a mechanism: list the valid names
-    gset = load_golden(golden or golden_dir(name, preset), mechanism=name, preset=preset)
+    gset = load_golden(golden_path(name, preset, golden), mechanism=name, preset=preset)
     drift = eager_drift(gset)
     profiles = [get_target(t) for t in targets]
     required = required_targets(targets, optional, require)
@@ -101,7 +102,8 @@ def parity_for_mechanism(
             unavailable.append(target.name)
     models: dict[str, str] = {}
     for form, names in by_form.items():
-        models[form] = str(_export(gset, form, names[0], work_dir / f"{name}-{preset}-{form}"))
+        models[form] = str(rebuild_from_golden(gset, form, names[0],
+                                               work_dir / f"{name}-{preset}-{form}").path)
     records = []
     for form, names in by_form.items():
         records += run_parity(models[form], gset, names, policy,
@@ -127,24 +129,3 @@ def parity_for_mechanism(
 
 def _among(required: list[str], names: list[str]) -> list[str]:
     return [n for n in required if n in names]
-
-
-def _export(gset: GoldenSet, form: str, target: str, out: Path) -> Path:
-    """Export the golden set's module (its weights) in ``form``; verification included."""
-    spec = mechanisms.get(gset.mechanism)
-    config = spec.config_cls(**(gset.manifest.config or {}))
-    module = module_from_golden(gset)
-    result = convert(
-        module,
-        spec.inputs(config, spec.export_case, seed=0),
-        spec.dynamic_axes,
-        output_names=spec.output_names,
-        target=target,
-        attention=form,
-        output_dir=out,
-        verify_inputs=[("export_shape", spec.inputs(config, spec.export_case, seed=1)),
-                       ("verify_shape", spec.inputs(config, spec.verify_case, seed=2))],
-        metadata={"mechanism": gset.mechanism, "preset": gset.preset,
-                  "config": gset.manifest.config},
-    )
-    return result.path

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from qcrun.adapters import adapter_for
+from qcrun.engines import adapter_for
 from qcrun.flops import count_flops, observe_shapes
 from qcrun.latency import fit_exponent
 from qcrun.parity import DEFAULT_TOLERANCES, compare

@@ -71,7 +71,7 @@ def time_variants(sessions: dict, feed: dict, rounds: int, runs: int) -> dict[st
 
 def bench_mechanism(name: str, preset: str, work: Path, rounds: int, runs: int,
                     calibration_cases: int) -> list[dict]:
-    from qcrun.adapters import open_adapter
+    from qcrun.engines import open_adapter
 
     from qcexport import mechanisms
     from qcexport.export import convert_mechanism

@@ -24,6 +24,7 @@ def test_import_is_quick_and_light():
     assert out.stdout.strip() == "none"
 
 
+@pytest.mark.slow
 def test_import_check_detects_a_heavy_import():
     """The check above can fail: a package importing torch at the top is seen."""
     code = "import sys, torch, qcexport\nprint('torch' in sys.modules)"

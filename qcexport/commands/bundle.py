@@ -85,7 +85,7 @@ def bundle(model_dir: Path, target, precision, output, archive, golden_path, cas
                f"opset {m['opset']})")
     if result.rebuilt:
         click.echo(f"  rebuilt   {result.rebuilt}")
-    if m["profile_shapes"] and get_target(m["target"]).needs_profile_shapes:
+    if m["profile_shapes"] and get_target(m["target"]).needs_shape_ranges:
         click.echo("  TensorRT profile  " + ", ".join(
             f"{a}={'/'.join(map(str, r))}" for a, r in m["profile_shapes"].items()))
     click.echo(f"  golden    {len(m['provenance']['golden']['cases'])} cases: "

@@ -8,11 +8,9 @@ mechanism expects them), instead of qcrun's generic synthetic inputs.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import click
-import numpy as np
 from qcrun.clikit import execute_profile, profile_options, targets_option
 from qcrun.errors import UserError
 
@@ -26,49 +24,6 @@ def _read_model_dir(model_dir: Path):
                         hint="pass the output directory of `qcexport convert`, e.g. "
                         "out/qformer-base")
     return read_model_dir(model_dir, stage="profile")
-
-
-def spec_feeds(manifest):
-    """feeds(manifest, point) from the mechanism spec's ``make_inputs``, or None when the model
-    (``manifest``: a ``qcrun.files.ModelManifest``) is not a built-in mechanism (then qcrun's
-    synthetic inputs are used)."""
-    from qcexport import mechanisms
-
-    name = manifest.mechanism
-    if name not in mechanisms.names():
-        return None
-    spec = mechanisms.get(name)
-    config = spec.config_cls(**manifest.config) if manifest.config else spec.config(
-        manifest.preset or "tiny")
-    accepted = set(inspect.signature(spec.make_inputs).parameters) - {"seed"}
-    positions = {
-        (spec_input.name, index): dim
-        for spec_input in manifest.inputs
-        for index, dim in enumerate(spec_input.shape)
-        if isinstance(dim, str)
-    }
-
-    def feeds(manifest, point):
-        sizes = point.as_dict()
-        unknown = sorted(set(sizes) - accepted)
-        if unknown:
-            raise UserError(
-                f"{name}'s inputs cannot be built with {', '.join(unknown)} "
-                f"(its input factory takes {', '.join(sorted(accepted))})",
-                stage="profile",
-                hint="sweep only axes the mechanism has, e.g. --batch and --tokens",
-            )
-        feed = {k: v.numpy() for k, v in spec.make_inputs(config, seed=0, **sizes).items()}
-        for (input_name, index), axis in positions.items():
-            if axis in sizes and np.shape(feed[input_name])[index] != sizes[axis]:
-                raise UserError(
-                    f"{name}'s input factory made {input_name} with {axis}="
-                    f"{np.shape(feed[input_name])[index]}, not the {sizes[axis]} asked for",
-                    stage="profile",
-                )
-        return feed
-
-    return feeds
 
 
 @click.command("profile")
@@ -91,6 +46,7 @@ def profile(model_dir: Path, target_names, **settings):
         --json profile.json --html profile.html
     """
     from qcexport.export.save import write_bytes_atomic
+    from qcexport.mechanisms.feeds import spec_feeds
 
     model = _read_model_dir(model_dir)
     if not any(settings[k] for k in ("json_path", "markdown_path", "html_path")):

@@ -76,7 +76,7 @@ def inspect_source(
                         hint="pass the output directory of `qcexport convert ... "
                         "--with-attention-maps`, or a mechanism name")
     from qcexport import mechanisms
-    from qcexport.diagnostics.maps import with_attention_maps
+    from qcexport.export.maps import with_attention_maps
 
     spec = mechanisms.get(source)
     config = spec.config(preset)
@@ -105,7 +105,7 @@ def inspect_source(
 
 def _inspect_model_dir(path: Path, *, target, cases, picture, image, features, texts, grid,
                        sample, threshold) -> Inspection:
-    from qcrun.adapters import open_adapter
+    from qcrun.engines import open_adapter
 
     from qcexport import mechanisms
 
@@ -117,7 +117,7 @@ def _inspect_model_dir(path: Path, *, target, cases, picture, image, features, t
             raise UserError(f"{path} holds mechanism {name!r}, which is not built in",
                             stage="inspect", hint="inspect a built-in mechanism's model")
         spec = mechanisms.get(name)
-        config = spec.config_cls(**(manifest.config or {}))
+        config = spec.saved_config(manifest.config, manifest.preset)
         feeds, grid = _feeds(spec, config, descriptor, cases, picture, features, texts, grid)
         runs, sweep = run_all(descriptor, feeds, session.run)
     analysis = analyse(descriptor, runs, sweep=sweep, sample=sample, threshold=threshold,

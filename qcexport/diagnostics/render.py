@@ -31,8 +31,10 @@ from typing import Any
 import numpy as np
 from qcrun.diagnostics import BRANCH_CHOICES, Grid, Run, token_grid
 from qcrun.errors import UserError
+from qcrun.files import write_atomic
 
 from qcexport.diagnostics.inputs import require_pillow
+from qcexport.replace import replace_dir
 
 TILE = 144  # pixels on the long side of a grid heatmap
 STRIP_WIDTH = 576
@@ -220,8 +222,13 @@ def _caption(metrics: Mapping[str, Any], q: int, prefix: str) -> list[str]:
 def check_output_dir(out_dir: str | Path) -> None:
     """Refuse a directory whose img/ is someone else's: a report replaces img/ wholesale."""
     old_img = Path(out_dir) / "img"
-    if old_img.exists() and not (old_img / MARKER).exists():
-        raise UserError(f"{old_img} exists and was not written by {GENERATOR}; it would be "
+    if old_img.exists():
+        _require_ours(old_img)
+
+
+def _require_ours(img: Path) -> None:
+    if not (img / MARKER).exists():
+        raise UserError(f"{img} exists and was not written by {GENERATOR}; it would be "
                         "replaced", stage="inspect",
                         hint="choose an empty or new output directory with -o")
 
@@ -237,22 +244,13 @@ class _Writer:
         self.write(f"img/{MARKER}", b"written by qcexport inspect; replaced on every run\n")
 
     def write(self, relative: str, data: bytes) -> str:
-        path = self.stage / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        write_atomic(self.stage / relative, data)
         return relative
 
     def commit(self) -> None:
         """Replace img/ (ours, from an earlier run) and the top files, each by a rename."""
-        old_img = self.out_dir / "img"
         if (self.stage / "img").exists():
-            if old_img.exists():
-                graveyard = Path(tempfile.mkdtemp(dir=self.out_dir, prefix=".old-"))
-                os.replace(old_img, graveyard / "img")
-                os.replace(self.stage / "img", old_img)
-                shutil.rmtree(graveyard, ignore_errors=True)
-            else:
-                os.replace(self.stage / "img", old_img)
+            replace_dir(self.stage / "img", self.out_dir / "img", _require_ours)
         for name in ("metrics.json", "index.html"):  # the page last: it points at the rest
             if (self.stage / name).exists():
                 os.replace(self.stage / name, self.out_dir / name)

@@ -1,14 +1,27 @@
-"""convert for a registered mechanism: the spec supplies inputs, names, axes and cases."""
+"""convert for a registered mechanism: the spec supplies inputs, names, axes and cases.
+
+The one place a mechanism's module is built and exported: from a preset
+(:func:`convert_mechanism`), or again from a golden set's weights (:func:`rebuild_from_golden`,
+for parity on the form a target prefers, and for a bundle whose target reads another form).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from qcrun.errors import UserError
+from qcrun.golden import GoldenSet
+from torch import nn
 
 from qcexport import mechanisms
 from qcexport.export.capture import Owned
 from qcexport.export.maps import with_attention_maps as wrap_with_maps
 from qcexport.export.pipeline import ConvertResult, convert
+from qcexport.mechanisms.registry import MechanismSpec
 from qcexport.stages import StageCallback
 
 
@@ -39,10 +52,26 @@ def convert_mechanism(
     spec = mechanisms.get(name)
     overrides = {**spec.precision_overrides.get(precision, {}), **overrides}
     config = spec.config(preset, **overrides)
-    module = mechanisms.create(name, preset, **overrides)
+    # built in the call, so that no name here keeps the module alive once convert drops it
+    return export_spec_module(
+        spec, config, mechanisms.create(name, preset, **overrides), preset=preset,
+        maps_heads=attention_map_heads if with_attention_maps else None,
+        target=target, attention=attention, opset=opset,
+        output_dir=output_dir or Path("out") / f"{name}-{preset}", on_stage=on_stage)
+
+
+def export_spec_module(spec: MechanismSpec, config: Any, module: nn.Module, *,
+                       preset: str | None, maps_heads: str | None = None,
+                       **options) -> ConvertResult:
+    """Export ``module`` (mechanism ``spec`` built with ``config``) as convert does for the
+    mechanism: the spec's example, its verification cases (the export shape and the verify
+    case, seeds 1 and 2), names, axes and input ranges; ``maps_heads`` ("mean" or "each")
+    adds the attention maps. The module is handed over (see :class:`Owned`): the caller must
+    not use it afterwards. ``options`` go to :func:`convert` (target, attention, output_dir...).
+    """
     output_names, dynamic_axes, extra_meta = spec.output_names, spec.dynamic_axes, {}
-    if with_attention_maps:
-        module = wrap_with_maps(module, name, spec.output_names, heads=attention_map_heads)
+    if maps_heads is not None:
+        module = wrap_with_maps(module, spec.name, spec.output_names, heads=maps_heads)
         output_names, dynamic_axes = module.output_names, module.maps_dynamic_axes(spec.dynamic_axes)
         extra_meta = {"attention_maps": module.maps_descriptor()}
     example = spec.inputs(config, spec.export_case, seed=0)
@@ -57,13 +86,46 @@ def convert_mechanism(
         example,
         dynamic_axes,
         output_names=output_names,
-        target=target,
-        attention=attention,
-        opset=opset,
-        output_dir=output_dir or Path("out") / f"{name}-{preset}",
         verify_inputs=verify,
-        metadata={"mechanism": name, "preset": preset, "config": dataclasses.asdict(config),
+        metadata={"mechanism": spec.name, "preset": preset, "config": dataclasses.asdict(config),
+                  "roles": {r: a for r, a in dataclasses.asdict(spec.roles).items() if a},
                   **extra_meta},
-        on_stage=on_stage,
         input_ranges=spec.input_ranges(config) if spec.input_ranges else None,
+        **options,
     )
+
+
+def load_weights(module: nn.Module, golden: GoldenSet) -> nn.Module:
+    """Load the golden set's weights (already hash-verified by load_golden) into ``module``."""
+    path = golden.weights_path
+    with np.load(path, allow_pickle=False) as data:
+        state = {k.removesuffix(".npy"): torch.from_numpy(data[k].copy()) for k in data.files}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"golden weights at {path} do not fit the module (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]})",
+            stage="golden",
+            hint=f"the reference module changed; regenerate with `qcexport golden "
+            f"{golden.mechanism} --preset {golden.preset} --update`",
+        )
+    return module
+
+
+def module_from_golden(golden: GoldenSet, config: Any = None) -> nn.Module:
+    """The reference module with the golden set's weights, and its config (default: the one
+    the golden set recorded)."""
+    spec = mechanisms.get(golden.mechanism)
+    if config is None:
+        config = spec.config_cls(**golden.manifest.config)
+    torch.manual_seed(0)
+    return load_weights(spec.builder(config).eval(), golden)
+
+
+def rebuild_from_golden(gset: GoldenSet, form: str, target: str, out: Path) -> ConvertResult:
+    """Export the golden set's module (its config and weights) again in attention ``form``
+    for ``target`` into ``out``; verification included."""
+    spec = mechanisms.get(gset.mechanism)
+    config = spec.config_cls(**(gset.manifest.config or {}))
+    return export_spec_module(spec, config, module_from_golden(gset, config), preset=gset.preset,
+                              target=target, attention=form, output_dir=out)

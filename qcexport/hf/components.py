@@ -161,14 +161,14 @@ class ComponentSpec:
         return feed
 
 
-def _blip2_take(model):
-    return QueryTokensQFormer(find(model, ("qformer", "model.qformer")),
-                              find(model, ("query_tokens", "model.query_tokens")), text=False)
+def _qformer_take(*, text: bool) -> Callable[[nn.Module], nn.Module]:
+    """take() of BLIP-2's (``text=False``) or InstructBLIP's Q-Former, with its queries."""
 
+    def take(model):
+        return QueryTokensQFormer(find(model, ("qformer", "model.qformer")),
+                                  find(model, ("query_tokens", "model.query_tokens")), text=text)
 
-def _instructblip_take(model):
-    return QueryTokensQFormer(find(model, ("qformer", "model.qformer")),
-                              find(model, ("query_tokens", "model.query_tokens")), text=True)
+    return take
 
 
 def _qformer_inputs(config, *, seed, batch=2, tokens=None, text=None, padding=0):
@@ -188,11 +188,17 @@ def _instructblip_inputs(config, *, seed, batch=2, tokens=None, text=6, padding=
                            padding=padding)
 
 
-def _idefics_resampler_inputs(config, *, seed, batch=2, tokens=None):
-    g = torch.Generator().manual_seed(seed)
-    vision = config.vision_config
-    return {"context": _features(g, batch, tokens or visual_tokens(vision, cls_token=True),
-                                 vision.embed_dim)}
+def _image_inputs(name: str, width: str) -> Callable[..., dict[str, torch.Tensor]]:
+    """make_inputs of a component fed one image's features only: the input ``name``, as wide
+    as the vision config's ``width`` field, CLS token included."""
+
+    def make_inputs(config, *, seed, batch=2, tokens=None):
+        g = torch.Generator().manual_seed(seed)
+        vision = config.vision_config
+        return {name: _features(g, batch, tokens or visual_tokens(vision, cls_token=True),
+                                getattr(vision, width))}
+
+    return make_inputs
 
 
 def _idefics_xattn_inputs(config, *, seed, batch=2, tokens=None, text=5, images=1,
@@ -217,14 +223,14 @@ def _idefics2_inputs(config, *, seed, batch=2, tokens=None, padding=0):
             "attention_mask": _mask(batch, tokens, padding)}
 
 
-def _kosmos2_inputs(config, *, seed, batch=2, tokens=None):
-    g = torch.Generator().manual_seed(seed)
-    vision = config.vision_config
-    return {"features": _features(g, batch, tokens or visual_tokens(vision, cls_token=True),
-                                  vision.hidden_size)}
-
-
 _FEATURE_AXES = {0: "batch", 1: "tokens"}
+
+
+def _image_cases(tokens: int) -> tuple[Case, ...]:
+    """The golden cases of a component fed image features only; ``tokens``: another count."""
+    return (Case("base", {"batch": 2}, "the vision tower's token count"),
+            Case("batch1", {"batch": 1}, "a single image"),
+            Case("tokens", {"batch": 3, "tokens": tokens}, "another token count"))
 
 _REGISTRY: dict[str, ComponentSpec] = {}
 
@@ -241,14 +247,12 @@ register(ComponentSpec(
     summary="BLIP-2 Q-Former: the model's learned queries cross-attend to image features",
     model_types=("blip-2",),
     component_class="Blip2QFormerModel",
-    take=_blip2_take,
+    take=_qformer_take(text=False),
     make_inputs=_qformer_inputs,
     input_names=("image_features",),
     dynamic_axes={"image_features": _FEATURE_AXES},
     outputs=("last_hidden_state", "pooler_output"),
-    golden_cases=(Case("base", {"batch": 2}, "the vision tower's token count"),
-                  Case("batch1", {"batch": 1}, "a single image"),
-                  Case("tokens", {"batch": 3, "tokens": 40}, "another token count")),
+    golden_cases=_image_cases(40),
 ))
 
 register(ComponentSpec(
@@ -256,7 +260,7 @@ register(ComponentSpec(
     summary="InstructBLIP Q-Former: queries and instruction tokens, cross-attending to images",
     model_types=("instructblip",),
     component_class="InstructBlipQFormerModel",
-    take=_instructblip_take,
+    take=_qformer_take(text=True),
     make_inputs=_instructblip_inputs,
     input_names=("image_features", "instruction_ids", "instruction_mask"),
     dynamic_axes={"image_features": _FEATURE_AXES,
@@ -278,13 +282,11 @@ register(ComponentSpec(
     model_types=("idefics",),
     component_class="IdeficsPerceiverResampler",
     take=lambda model: find(model, ("model.perceiver_resampler", "perceiver_resampler")),
-    make_inputs=_idefics_resampler_inputs,
+    make_inputs=_image_inputs("context", "embed_dim"),
     input_names=("context",),
     dynamic_axes={"context": _FEATURE_AXES},
     outputs=("perceiver_embeddings",),  # the name IdeficsModel.forward takes them by
-    golden_cases=(Case("base", {"batch": 2}, "the vision tower's token count"),
-                  Case("batch1", {"batch": 1}, "a single image"),
-                  Case("tokens", {"batch": 3, "tokens": 50}, "another token count")),
+    golden_cases=_image_cases(50),
 ))
 
 register(ComponentSpec(
@@ -336,14 +338,12 @@ register(ComponentSpec(
     component_class="Kosmos2ImageToTextProjection",
     take=lambda model: find(model, ("image_to_text_projection",
                                     "model.image_to_text_projection")),
-    make_inputs=_kosmos2_inputs,
+    make_inputs=_image_inputs("features", "hidden_size"),
     input_names=("features",),
     dynamic_axes={"features": _FEATURE_AXES},
     # forward returns (image_embeds, attention weights or None); None is dropped
     outputs=("image_embeds",),
-    golden_cases=(Case("base", {"batch": 2}, "the vision tower's token count"),
-                  Case("batch1", {"batch": 1}, "a single image"),
-                  Case("tokens", {"batch": 3, "tokens": 33}, "another token count")),
+    golden_cases=_image_cases(33),
 ))
 
 

@@ -5,10 +5,21 @@ embedding), so the same text always gives the same input."""
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from qcrun.errors import UserError
+
+
+@dataclass
+class VisualConfig:
+    """The two widths of a module over visual features: the features' (``vision_dim``, a
+    ViT's width) and its own (``dim``). A mechanism's config extends it; a field redeclared
+    there keeps its place (first), so configs read and serialise in the same order."""
+
+    vision_dim: int = 48
+    dim: int = 64
 
 
 def generator(seed: int) -> torch.Generator:

@@ -18,15 +18,13 @@ import torch
 from torch import nn
 
 from qcexport.mechanisms.attention import FeedForward, MultiHeadAttention
-from qcexport.mechanisms.common import features, generator
+from qcexport.mechanisms.common import VisualConfig, features, generator
 from qcexport.mechanisms.map_plan import MapPlan, MapSite
 from qcexport.mechanisms.registry import Case, MechanismSpec, register
 
 
 @dataclass
-class MatryoshkaConfig:
-    vision_dim: int = 48
-    dim: int = 64
+class MatryoshkaConfig(VisualConfig):
     max_queries: int = 16
     layers: int = 1
     heads: int = 4

@@ -16,15 +16,14 @@ import torch
 from torch import nn
 
 from qcexport.mechanisms.attention import FeedForward, MultiHeadAttention, key_padding_mask
-from qcexport.mechanisms.common import features, generator, token_mask
+from qcexport.mechanisms.common import VisualConfig, features, generator, token_mask
 from qcexport.mechanisms.map_plan import MapPlan, MapSite
 from qcexport.mechanisms.registry import Case, MechanismSpec, register
 
 
 @dataclass
-class PerceiverConfig:
+class PerceiverConfig(VisualConfig):
     vision_dim: int = 64
-    dim: int = 64
     num_latents: int = 16
     cross_heads: int = 1
     heads: int = 4
@@ -113,54 +112,52 @@ def map_sites(module: Perceiver) -> list[MapSite]:
         sites.append(MapSite("decode.attn", 1, "output queries -> latents", keys="latents"))
     return sites
 
-register(
-    MechanismSpec(
-        name="perceiver",
-        summary="learned latents cross-attend to any number of visual tokens, then latent self-attention",
-        source="Jaegle et al. 2021, Perceiver (arXiv:2103.03206)",
+def _spec(name: str, summary: str, source: str, presets, output: str) -> MechanismSpec:
+    """Perceiver and Perceiver IO: one module, inputs and cases; the output differs."""
+    return MechanismSpec(
+        name=name,
+        summary=summary,
+        source=source,
         config_cls=PerceiverConfig,
-        presets={
-            "tiny": {},
-            # ImageNet Perceiver: 512 latents x 1024, 1-head cross-attention, 8-head latent
-            # transformer with 6 layers per block (Sec. 4.1, Table 6). We export one block: the
-            # paper's later repeats share its weights and only add depth.
-            "base": {"vision_dim": 1024, "dim": 1024, "num_latents": 512, "cross_heads": 1,
-                     "heads": 8, "self_layers": 6},
-        },
+        presets=presets,
         builder=Perceiver,
         make_inputs=make_inputs,
         input_names=("image_features", "image_mask"),
-        output_names=("latent_tokens",),
-        dynamic_axes={**_AXES, "latent_tokens": {0: "batch"}},
+        output_names=(output,),
+        dynamic_axes={**_AXES, output: {0: "batch"}},
         golden_cases=_CASES,
         export_case=Case("export", {"batch": 2, "tokens": 37}),
         verify_case=Case("verify", {"batch": 3, "tokens": 101, "pad": True}),
-        maps=MapPlan(map_sites, "image_features", 1, "latents", "latent_tokens"),
+        maps=MapPlan(map_sites, "image_features", 1, "latents", output),
     )
-)
 
-register(
-    MechanismSpec(
-        name="perceiver-io",
-        summary="Perceiver with an output-query decoder that cross-attends to the latents",
-        source="Jaegle et al. 2022, Perceiver IO (arXiv:2107.14795)",
-        config_cls=PerceiverConfig,
-        presets={
-            "tiny": {"num_outputs": 8, "output_dim": 32},
-            # Perceiver IO ImageNet: 512 latents x 1024, 1-head encoder/decoder cross-attention,
-            # 8-head latent self-attention (Table 7); one 6-layer block as in `perceiver`, and
-            # 64 output queries of width 1024 as the tokens handed to a language model.
-            "base": {"vision_dim": 1024, "dim": 1024, "num_latents": 512, "cross_heads": 1,
-                     "heads": 8, "self_layers": 6, "num_outputs": 64, "output_dim": 1024},
-        },
-        builder=Perceiver,
-        make_inputs=make_inputs,
-        input_names=("image_features", "image_mask"),
-        output_names=("outputs",),
-        dynamic_axes={**_AXES, "outputs": {0: "batch"}},
-        golden_cases=_CASES,
-        export_case=Case("export", {"batch": 2, "tokens": 37}),
-        verify_case=Case("verify", {"batch": 3, "tokens": 101, "pad": True}),
-        maps=MapPlan(map_sites, "image_features", 1, "latents", "outputs"),
-    )
-)
+
+register(_spec(
+    "perceiver",
+    "learned latents cross-attend to any number of visual tokens, then latent self-attention",
+    "Jaegle et al. 2021, Perceiver (arXiv:2103.03206)",
+    {
+        "tiny": {},
+        # ImageNet Perceiver: 512 latents x 1024, 1-head cross-attention, 8-head latent
+        # transformer with 6 layers per block (Sec. 4.1, Table 6). We export one block: the
+        # paper's later repeats share its weights and only add depth.
+        "base": {"vision_dim": 1024, "dim": 1024, "num_latents": 512, "cross_heads": 1,
+                 "heads": 8, "self_layers": 6},
+    },
+    "latent_tokens",
+))
+
+register(_spec(
+    "perceiver-io",
+    "Perceiver with an output-query decoder that cross-attends to the latents",
+    "Jaegle et al. 2022, Perceiver IO (arXiv:2107.14795)",
+    {
+        "tiny": {"num_outputs": 8, "output_dim": 32},
+        # Perceiver IO ImageNet: 512 latents x 1024, 1-head encoder/decoder cross-attention,
+        # 8-head latent self-attention (Table 7); one 6-layer block as in `perceiver`, and
+        # 64 output queries of width 1024 as the tokens handed to a language model.
+        "base": {"vision_dim": 1024, "dim": 1024, "num_latents": 512, "cross_heads": 1,
+                 "heads": 8, "self_layers": 6, "num_outputs": 64, "output_dim": 1024},
+    },
+    "outputs",
+))

@@ -21,6 +21,7 @@ from torch import nn
 
 from qcexport.mechanisms.attention import MultiHeadAttention, key_padding_mask
 from qcexport.mechanisms.common import (
+    VisualConfig,
     features,
     generator,
     masked_mean,
@@ -32,9 +33,7 @@ from qcexport.mechanisms.registry import Case, MechanismSpec, register
 
 
 @dataclass
-class QFormerConfig:
-    vision_dim: int = 48
-    dim: int = 64
+class QFormerConfig(VisualConfig):
     num_queries: int = 8
     layers: int = 2
     heads: int = 4

@@ -107,6 +107,11 @@ class MechanismSpec:
             )
         return self.config_cls(**values)
 
+    def saved_config(self, recorded: Mapping[str, Any] | None, preset: str | None = None) -> Any:
+        """The config a manifest recorded (a model's or a golden set's), else ``preset``'s
+        (default tiny) where it recorded none."""
+        return self.config_cls(**recorded) if recorded else self.config(preset or "tiny")
+
     def inputs(self, config, case: Case | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         params = dict(case.params) if case else {}
         feed = self.make_inputs(config, seed=seed, **params)

@@ -34,6 +34,7 @@ from torch import nn
 
 from qcexport.mechanisms.attention import FeedForward, MultiHeadAttention, key_padding_mask
 from qcexport.mechanisms.common import (
+    VisualConfig,
     features,
     generator,
     masked_mean,
@@ -47,9 +48,7 @@ BRANCHES = ("global", "local", "mlp")
 
 
 @dataclass
-class RoutingConfig:
-    vision_dim: int = 48
-    dim: int = 64
+class RoutingConfig(VisualConfig):
     task_dim: int = 32
     num_queries: int = 8
     layers: int = 2

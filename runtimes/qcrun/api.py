@@ -115,7 +115,7 @@ def plan_targets(
     """Judge each candidate in order: incompatible with the model, unavailable here, or usable.
 
     ``incompatibility(target) -> reason | None`` says whether the model can run there;
-    ``available(target) -> (ok, reason)`` whether the device can (``targets.availability``).
+    ``available(target) -> (ok, reason)`` whether the device can (``qcrun.engines.availability``).
     """
     choices = []
     for name in dict.fromkeys(candidates):
@@ -254,7 +254,7 @@ class Model:
                                     f"in {spec.name!r}")
                 sizes.setdefault(dim, (int(size), spec.name))
         bundle = self._source.bundle
-        on_tensorrt = bundle is not None and self._adapter.target.needs_profile_shapes
+        on_tensorrt = bundle is not None and self._adapter.target.needs_shape_ranges
         outside = bundle.profile_problems(inputs) if on_tensorrt and not problems else []
         problems += outside
         if out_of_range and not problems:
@@ -451,7 +451,7 @@ def _load_source(source: _Source, target, *, cache_dir, options) -> Model:
 def _adapter(source: _Source, target: str, cache_dir, options) -> Adapter:
     t = get_target(target)
     extra = dict(source.bundle.adapter_options(t, cache_dir)) if source.bundle else {}
-    if t.needs_profile_shapes and "cache_dir" not in extra and cache_dir:
+    if t.needs_shape_ranges and "cache_dir" not in extra and cache_dir:
         extra["cache_dir"] = str(Path(cache_dir) / t.name)
     extra.update(options.get(t.name, {}))
     return adapter_for(source.model_path, t, **extra)

@@ -104,7 +104,7 @@ class FileEntry:
 class BundleManifest:
     """``bundle.json``, read by ``qcrun.schema.parse`` (unknown keys and wrong types refused).
 
-    ``tolerances`` is the host's policy (``TolerancePolicy.to_dict``) and ``provenance`` is
+    ``tolerances`` is the host's policy (``qcrun.schema.dump`` of it) and ``provenance`` is
     informational; neither decides a verdict unless a trusted key signed the bundle.
     """
 
@@ -153,6 +153,8 @@ class FileProblem:
 class BundleCheck:
     """The outcome of ``verify_bundle``: every problem found, and the files no one listed."""
 
+    DERIVED: ClassVar[dict[str, Callable]] = {"ok": lambda check: check.ok}
+
     bundle: str
     problems: list[FileProblem] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
@@ -161,15 +163,6 @@ class BundleCheck:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "bundle": self.bundle,
-            "ok": self.ok,
-            "checked": self.checked,
-            "problems": [p.__dict__ for p in self.problems],
-            "extra": list(self.extra),
-        }
 
 
 @dataclass(frozen=True)
@@ -201,9 +194,6 @@ class Authenticity:
             lines.append(f"digest: bundle.json is the pinned one ({DIGEST_KEY} "
                          f"{self.manifest_sha256})")
         return lines
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -381,7 +371,7 @@ class Bundle:
         """Adapter options this bundle needs on ``target``: for TensorRT, the profile ranges
         fixed at build time and a cache directory of its own; nothing for other targets."""
         t = get_target(target)
-        if not t.needs_profile_shapes:
+        if not t.needs_shape_ranges:
             return {}
         return {"profile_shapes": self.profile_shapes,
                 "cache_dir": str(self.cache_dir(t, cache_root))}
@@ -923,6 +913,99 @@ def _member_kind(m: tarfile.TarInfo) -> str:
     return f"member of tar type {m.type!r}"
 
 
+class _ArchiveWalk:
+    """One pass over a bundle archive's members (see :func:`_walk_archive`): what is known so
+    far (the top directory, the manifest, the files seen) and the checks on each member."""
+
+    def __init__(self, archive: Path, on_file: Callable[[str, IO[bytes], int], None],
+                 on_dir: Callable[[str], None]):
+        self.archive = archive
+        self.on_file = on_file
+        self.on_dir = on_dir
+        self.top: str | None = None
+        self.spec: BundleManifest | None = None
+        self.seen: set[str] = set()
+        self.allowed_dirs: set[str] = set()
+        self.budget = 0
+
+    def refuse(self, name: str, why: str) -> BundleDamaged:
+        return BundleDamaged(
+            f"bundle archive {self.archive}: member {name!r} {why}; refusing to extract it "
+            "(nothing after it was read)",
+            stage="bundle",
+            hint="rebuild the archive on the host with `qcexport bundle --archive`, and never "
+            "unpack an archive you cannot check with tar")
+
+    def member(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        name = m.name
+        if not (m.isdir() or m.type in (tarfile.REGTYPE, tarfile.AREGTYPE)):
+            raise self.refuse(name, f"is a {_member_kind(m)}, not a plain file or directory")
+        try:
+            check_relpath(name, where=str(self.archive), field="member", stage="bundle")
+        except UserError:
+            raise self.refuse(name, "has an absolute path or one that leaves the archive "
+                              "('..')") from None
+        parts = PurePosixPath(name).parts
+        if self.spec is None:
+            self._before_manifest(tar, m, parts)
+        else:
+            self._listed(tar, m, parts, self.spec)
+
+    def _before_manifest(self, tar: tarfile.TarFile, m: tarfile.TarInfo,
+                         parts: tuple[str, ...]) -> None:
+        # nothing is known before bundle.json: allow one top directory
+        if m.isdir() and self.top is None and len(parts) == 1:
+            self.top = parts[0]
+            self.on_dir("")
+            return
+        if parts[-1] != BUNDLE_MANIFEST or len(parts) > 2 or (
+                len(parts) == 2 and self.top not in (None, parts[0])) or m.isdir():
+            raise self.refuse(m.name, f"comes before {BUNDLE_MANIFEST}, which must be the "
+                              "first file of a bundle archive")
+        if m.size > MAX_JSON_BYTES:
+            raise self.refuse(m.name, f"holds {m.size} bytes, over the {MAX_JSON_BYTES} a "
+                              "manifest may have")
+        self.top = parts[0] if len(parts) == 2 else ""
+        if self.top:
+            self.on_dir("")
+        raw = b"".join(_blocks(tar.extractfile(m), m.size))
+        spec, _ = parse_manifest(raw, str(self.archive))
+        self.spec = spec
+        self.budget = sum(e.bytes for e in spec.files.values()) + signing.MAX_SIGNATURE_BYTES
+        self.allowed_dirs = {p.as_posix() for f in spec.files
+                             for p in PurePosixPath(f).parents if p.parts}
+        self.seen.add(BUNDLE_MANIFEST)
+        self.on_file(BUNDLE_MANIFEST, _BytesStream(raw), len(raw))
+
+    def _listed(self, tar: tarfile.TarFile, m: tarfile.TarInfo, parts: tuple[str, ...],
+                spec: BundleManifest) -> None:
+        name, top = m.name, self.top
+        if top and (parts[0] != top or len(parts) == 1):
+            raise self.refuse(name, f"lies outside the bundle's directory {top!r}")
+        rel = "/".join(parts[1:] if top else parts)
+        if m.isdir():
+            if rel not in self.allowed_dirs:
+                raise self.refuse(name, "is a directory in which bundle.json lists no file")
+            self.on_dir(rel)
+            return
+        if rel in self.seen:
+            raise self.refuse(name, "comes twice")
+        if rel == SIGNATURE_FILE:
+            limit = signing.MAX_SIGNATURE_BYTES
+        elif rel in spec.files:
+            limit = spec.files[rel].bytes
+        else:
+            raise self.refuse(name, f"is not listed in {BUNDLE_MANIFEST}")
+        if m.size > limit:
+            raise self.refuse(name, f"holds {m.size} bytes, more than the {limit} "
+                              f"{BUNDLE_MANIFEST} lists")
+        self.budget -= m.size
+        if self.budget < 0:  # cannot happen with the checks above; the bound is the point
+            raise self.refuse(name, "goes past the total size bundle.json lists")
+        self.seen.add(rel)
+        self.on_file(rel, tar.extractfile(m), m.size)
+
+
 def _walk_archive(archive: Path, *, on_file: Callable[[str, IO[bytes], int], None],
                   on_dir: Callable[[str], None]) -> tuple[str, BundleManifest]:
     """Stream a bundle archive: each member is checked against bundle.json (which must be the
@@ -932,81 +1015,11 @@ def _walk_archive(archive: Path, *, on_file: Callable[[str, IO[bytes], int], Non
     lies outside the bundle's directory, is not listed, holds more bytes than listed, or comes
     twice; so no more than the listed total is ever read. Returns (top-level directory name,
     or "" when the files are at the root; the manifest)."""
-    label = str(archive)
-
-    def refuse(name: str, why: str) -> BundleDamaged:
-        return BundleDamaged(
-            f"bundle archive {archive}: member {name!r} {why}; refusing to extract it (nothing "
-            "after it was read)",
-            stage="bundle",
-            hint="rebuild the archive on the host with `qcexport bundle --archive`, and never "
-            "unpack an archive you cannot check with tar")
-
-    top: str | None = None
-    spec: BundleManifest | None = None
-    seen: set[str] = set()
-    allowed_dirs: set[str] = set()
-    budget = 0
+    walk = _ArchiveWalk(archive, on_file, on_dir)
     try:
         with tarfile.open(archive, "r|gz") as tar:
             for m in tar:
-                name = m.name
-                if not (m.isdir() or m.type in (tarfile.REGTYPE, tarfile.AREGTYPE)):
-                    raise refuse(name, f"is a {_member_kind(m)}, not a plain file or directory")
-                try:
-                    check_relpath(name, where=label, field="member", stage="bundle")
-                except UserError:
-                    raise refuse(name, "has an absolute path or one that leaves the archive "
-                                 "('..')") from None
-                parts = PurePosixPath(name).parts
-                if spec is None:  # nothing is known before bundle.json: allow one top directory
-                    if m.isdir() and top is None and len(parts) == 1:
-                        top = parts[0]
-                        on_dir("")
-                        continue
-                    if parts[-1] != BUNDLE_MANIFEST or len(parts) > 2 or (
-                            len(parts) == 2 and top not in (None, parts[0])) or m.isdir():
-                        raise refuse(name, f"comes before {BUNDLE_MANIFEST}, which must be the "
-                                     "first file of a bundle archive")
-                    if m.size > MAX_JSON_BYTES:
-                        raise refuse(name, f"holds {m.size} bytes, over the {MAX_JSON_BYTES} a "
-                                     "manifest may have")
-                    top = parts[0] if len(parts) == 2 else ""
-                    if top:
-                        on_dir("")
-                    raw = b"".join(_blocks(tar.extractfile(m), m.size))
-                    spec, _ = parse_manifest(raw, label)
-                    budget = sum(e.bytes for e in spec.files.values()) + \
-                        signing.MAX_SIGNATURE_BYTES
-                    allowed_dirs = {p.as_posix() for f in spec.files
-                                    for p in PurePosixPath(f).parents if p.parts}
-                    seen.add(BUNDLE_MANIFEST)
-                    on_file(BUNDLE_MANIFEST, _BytesStream(raw), len(raw))
-                    continue
-                if top and (parts[0] != top or len(parts) == 1):
-                    raise refuse(name, f"lies outside the bundle's directory {top!r}")
-                rel = "/".join(parts[1:] if top else parts)
-                if m.isdir():
-                    if rel not in allowed_dirs:
-                        raise refuse(name, "is a directory in which bundle.json lists no file")
-                    on_dir(rel)
-                    continue
-                if rel in seen:
-                    raise refuse(name, "comes twice")
-                if rel == SIGNATURE_FILE:
-                    limit = signing.MAX_SIGNATURE_BYTES
-                elif rel in spec.files:
-                    limit = spec.files[rel].bytes
-                else:
-                    raise refuse(name, f"is not listed in {BUNDLE_MANIFEST}")
-                if m.size > limit:
-                    raise refuse(name, f"holds {m.size} bytes, more than the {limit} "
-                                 f"{BUNDLE_MANIFEST} lists")
-                budget -= m.size
-                if budget < 0:  # cannot happen with the checks above; the bound is the point
-                    raise refuse(name, "goes past the total size bundle.json lists")
-                seen.add(rel)
-                on_file(rel, tar.extractfile(m), m.size)
+                walk.member(tar, m)
     except (tarfile.TarError, EOFError, zlib.error, ValueError) as e:
         raise BundleDamaged(
             f"bundle archive {archive} cannot be read as .tar.gz: {e}",
@@ -1021,10 +1034,10 @@ def _walk_archive(archive: Path, *, on_file: Callable[[str, IO[bytes], int], Non
             stage="bundle",
             hint="the archive is truncated or damaged: copy it again from the host",
         ) from None
-    if spec is None:
+    if walk.spec is None:
         raise UserError(f"bundle archive {archive} holds no {BUNDLE_MANIFEST}", stage="bundle",
                         hint="pass an archive written by `qcexport bundle --archive`")
-    return top or "", spec
+    return walk.top or "", walk.spec
 
 
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,

@@ -103,9 +103,10 @@ def write_report(path: Path, text: str,
 def profile_options(command):
     """The options `qcrun profile` and `qcexport profile` share (one definition for both)."""
     options = [
-        click.option("--batch", help="Batch sizes to sweep, comma-separated [default: 1]."),
-        click.option("--tokens", help="Visual token counts to sweep, e.g. 257,1025,4097 "
-                     "[default: 257 when the model has a 'tokens' axis]."),
+        click.option("--batch", help="Sizes of the model's batch axis to sweep, comma-separated "
+                     "[default: 1 when the model has one]."),
+        click.option("--tokens", help="Sizes of the model's visual-token axis to sweep, e.g. "
+                     "257,1025,4097 [default: 257 when the model has one]."),
         click.option("--axis", "axes", multiple=True, metavar="NAME=SIZES",
                      help="Sizes of another symbolic axis, e.g. text=32 (repeatable)."),
         click.option("--runs", type=int, help="Timed runs per shape and target."),
@@ -170,12 +171,13 @@ def execute_profile(model, target_names, settings: dict, feeds=None, write=None)
     if not inputs:
         raise UserError(f"{model_dir / MANIFEST_FILE} lists no inputs", stage="profile",
                         hint="re-export the model with `qcexport convert`")
-    sweep = plan_sweep(inputs, batch=parse_sizes(settings["batch"], "--batch"),
+    sweep = plan_sweep(inputs, roles=manifest.roles,
+                       batch=parse_sizes(settings["batch"], "--batch"),
                        tokens=parse_sizes(settings["tokens"], "--tokens"),
                        axes=settings["axes"])
     check_sweep(inputs, sweep, manifest.dynamic_axes)
     points = sweep_points(sweep)
-    check_input_memory(inputs, points)
+    check_input_memory(inputs, points, manifest.roles)
     if feeds is None:
         feeds = synthetic_feeds(model)
 

@@ -29,11 +29,12 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from qcrun.errors import UserError
+from qcrun.schema import dump
 
 FORMAT = 1
 DEFAULT_THRESHOLD = 0.95
@@ -60,6 +61,9 @@ class Grid:
     """How a count of visual tokens lies on the image: a patch grid, optionally after a CLS
     token (ViT order: CLS first), or a 1-D strip when the count forms no grid."""
 
+    WRITE_NULLS: ClassVar[bool] = True
+    DERIVED: ClassVar[dict[str, Callable]] = {"layout": lambda grid: grid.layout}
+
     tokens: int
     rows: int | None = None
     cols: int | None = None
@@ -76,10 +80,6 @@ class Grid:
         if self.rows is None:
             return f"{self.tokens} tokens as a 1-D strip"
         return f"{self.rows}x{self.cols} patch grid" + (" + CLS token" if self.cls else "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "layout": self.layout, "rows": self.rows,
-                "cols": self.cols, "cls": self.cls, "note": self.note}
 
 
 def parse_grid(text: str | None) -> tuple[int, int] | None:
@@ -422,7 +422,7 @@ def analyse_case(
         "case": run.case,
         "sample": sample,
         "visual_tokens": tokens,
-        "grid": layout.to_dict(),
+        "grid": dump(layout),
         "maps": maps,
         "specialisation": _specialisation(descriptor, run, maps, sample, threshold),
         "gates": _gates(descriptor, run, sample),

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from qcrun.choices import ATTENTION_FORMS, PRECISIONS
 from qcrun.errors import UserError
+from qcrun.golden import file_sha256, weights_sha256
 from qcrun.onnxfile import GraphSummary, read_summary
 from qcrun.schema import check_relpath, dump, inside, parse, read_json
-from qcrun.targets import PRECISIONS
 
 
 def _umask() -> int:
@@ -186,6 +187,10 @@ class ModelManifest:
     golden: str | None = None
     tolerances: dict[str, Any] | None = None
     profile_shapes: dict[str, list[int]] | None = None
+    # role -> the symbolic axis in it ({"batch": "batch", "tokens": "tokens"}): the mechanism
+    # spec's axis roles, so that generic code (``--batch``, ``--tokens``) finds an axis by its
+    # role, never by its name. None for a user's module, whose axes have no known roles.
+    roles: dict[str, str] | None = None
     # Where a user's module came from beyond a factory (a Hugging Face component: its
     # path or hub id, component, classes and transformers version).
     source: dict[str, Any] | None = None
@@ -242,8 +247,6 @@ class ModelDir:
                 hint="write the golden set with the arguments the model was converted with")
         if self.manifest.weights_sha256 is None or golden.weights_path is None:
             return
-        from qcrun.golden import weights_sha256
-
         actual = weights_sha256(golden.weights_path)
         if actual != self.manifest.weights_sha256:
             raise UserError(
@@ -415,8 +418,6 @@ def _check_dynamic_axes(manifest: ModelManifest, graph: GraphSummary, where: str
 
 
 def _check_attention(manifest: ModelManifest, graph: GraphSummary, where: str) -> None:
-    from qcrun.targets import ATTENTION_FORMS
-
     fused = graph.fused_attention()
     found = ", ".join(f"{n} {form!r}" for form, n in fused.items()) or "no fused attention node"
     form = manifest.attention
@@ -536,8 +537,6 @@ def check_against_graph(manifest: ModelManifest, graph: GraphSummary, *, where: 
 
 
 def _check_sha(path: Path, expected: str, where: str, stage: str) -> None:
-    from qcrun.golden import file_sha256
-
     actual = file_sha256(path)
     if actual != expected:
         raise UserError(

@@ -31,10 +31,10 @@ from __future__ import annotations
 import ast
 import math
 import operator
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from qcrun import engines
 from qcrun.engines.base import ObservedShapes
@@ -175,17 +175,17 @@ class NodeFlops:
     flops: int
     graph: str = ""  # "" for the main graph, else "<If node>/<branch>/..."
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
 class FlopCount:
-    """FLOPs of one model at one set of input shapes."""
+    """FLOPs of one model at one set of input shapes; ``qcrun.schema.dump`` writes it without
+    the per-node list (kept in memory for callers that want it)."""
+
+    DERIVED: ClassVar[dict[str, Callable]] = {"exact": lambda count: count.exact}
 
     total: int
     by_op_type: dict[str, int]
-    nodes: list[NodeFlops] = field(default_factory=list)
+    nodes: list[NodeFlops] = field(default_factory=list, metadata={"dump": False})
     unresolved: list[str] = field(default_factory=list)
     branches: list[str] = field(default_factory=list)  # how each If was counted
     shapes_from: str = "inference"  # "inference" | "observed"
@@ -194,30 +194,6 @@ class FlopCount:
     def exact(self) -> bool:
         """True when every counted node had known shapes and every If branch is known."""
         return not self.unresolved and not any("upper bound" in b for b in self.branches)
-
-    def to_dict(self, *, nodes: bool = False) -> dict[str, Any]:
-        data = {
-            "total": self.total,
-            "by_op_type": dict(self.by_op_type),
-            "exact": self.exact,
-            "unresolved": list(self.unresolved),
-            "branches": list(self.branches),
-            "shapes_from": self.shapes_from,
-        }
-        if nodes:
-            data["nodes"] = [n.to_dict() for n in self.nodes]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FlopCount:
-        return cls(
-            total=int(data["total"]),
-            by_op_type={k: int(v) for k, v in data.get("by_op_type", {}).items()},
-            nodes=[NodeFlops(**n) for n in data.get("nodes", [])],
-            unresolved=list(data.get("unresolved", [])),
-            branches=list(data.get("branches", [])),
-            shapes_from=data.get("shapes_from", "inference"),
-        )
 
 
 # --- shapes ----------------------------------------------------------------------------------
@@ -398,20 +374,7 @@ def count_flops(
     docstring for what is counted). ``observed`` real shapes, when given, take precedence over
     inferred ones and decide which ``If`` branch is counted."""
     onnx = _onnx()
-    model = load_graph_only(model)
-    if input_shapes is None and observed is not None:
-        input_shapes = {
-            v.name: observed.tensors[v.name]
-            for v in model.graph.input
-            if v.name in observed.tensors
-        }
-    input_shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
-    symbols = _symbols(model, input_shapes)
-    concrete = _concrete(model, input_shapes)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(concrete, data_prop=True)
-    except Exception:  # inference is best effort here; observed shapes or unresolved remain
-        inferred = concrete
+    inferred, symbols = _inferred(onnx, load_graph_only(model), input_shapes, observed)
 
     def walk(graph, outer: dict[str, Shape], where: str) -> _Tally:
         shapes = {**outer, **_graph_shapes(graph, symbols)}
@@ -458,18 +421,37 @@ def count_flops(
         return chosen
 
     tally = walk(inferred.graph, {}, "")
-    nodes, unresolved, branches, total = tally.nodes, tally.unresolved, tally.branches, tally.total
     by_op: dict[str, int] = {}
-    for n in nodes:
+    for n in tally.nodes:
         by_op[n.op_type] = by_op.get(n.op_type, 0) + n.flops
     return FlopCount(
-        total=total,
+        total=tally.total,
         by_op_type=dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
-        nodes=nodes,
-        unresolved=unresolved,
-        branches=branches,
+        nodes=tally.nodes,
+        unresolved=tally.unresolved,
+        branches=tally.branches,
         shapes_from="observed" if observed is not None else "inference",
     )
+
+
+def _inferred(onnx, model, input_shapes: Mapping[str, Sequence[int]] | None,
+              observed: ObservedShapes | None) -> tuple[Any, dict[str, int]]:
+    """``model`` with its inputs fixed at ``input_shapes`` (the observed ones when none are
+    given) and shapes inferred as far as inference goes; the symbol -> size map."""
+    if input_shapes is None and observed is not None:
+        input_shapes = {
+            v.name: observed.tensors[v.name]
+            for v in model.graph.input
+            if v.name in observed.tensors
+        }
+    input_shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
+    symbols = _symbols(model, input_shapes)
+    concrete = _concrete(model, input_shapes)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(concrete, data_prop=True)
+    except Exception:  # inference is best effort here; observed shapes or unresolved remain
+        inferred = concrete
+    return inferred, symbols
 
 
 @dataclass

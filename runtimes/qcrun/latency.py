@@ -10,7 +10,9 @@ type 7): for samples x_0 <= ... <= x_{n-1}, the q-th percentile is read at rank
 (n - 1) * q / 100. ``std`` is the sample standard deviation (n - 1 in the denominator; 0 for
 one run). Throughput is runs per second over the timed runs, 1000 / mean_ms.
 
-A sweep is a grid of sizes for named symbolic axes ("batch", "tokens"); ``check_sweep`` says
+A sweep is a grid of sizes for named symbolic axes; ``plan_sweep`` finds the axes that
+``--batch`` and ``--tokens`` size through the roles the model's manifest gives its axes (the
+mechanism spec's, written at export), never by an axis's name. ``check_sweep`` says
 which input axis cannot take a requested size (it is static in the model) before anything
 runs, and ``synthetic_feed`` builds seeded inputs for any point from the manifest's input
 specs. ``fit_growth`` fits latency = c * size^k in log-log space (least squares) and returns k.
@@ -29,6 +31,9 @@ from typing import Any
 import numpy as np
 
 from qcrun.errors import UserError
+from qcrun.files import MANIFEST_FILE
+from qcrun.golden import load_golden
+from qcrun.inputs import make_inputs
 
 PERCENTILES = (50, 90, 99)
 DEFAULT_WARMUP = 3
@@ -242,6 +247,9 @@ InputSpec = Mapping[str, Any]  # {"name", "dtype", "shape": [int | str | None, .
 
 #: Visual tokens of a ViT-L/14 at 224 px (16 x 16 patches and a class token).
 DEFAULT_TOKENS = 257
+#: The axis roles a profile flag sizes (``--batch``, ``--tokens``), and each one's size when
+#: the flag is not given and the model has an axis in that role.
+ROLE_SIZES = {"batch": 1, "tokens": DEFAULT_TOKENS}
 
 
 def parse_axis(text: str) -> tuple[str, list[int]]:
@@ -263,29 +271,39 @@ def parse_axis(text: str) -> tuple[str, list[int]]:
 def plan_sweep(
     inputs: Sequence[InputSpec],
     *,
+    roles: Mapping[str, str] | None = None,
     batch: Sequence[int] = (),
     tokens: Sequence[int] = (),
     axes: Sequence[str] = (),
 ) -> dict[str, list[int]]:
-    """The sweep of a profile: --batch (default 1 when the model has a "batch" axis), --tokens
-    (default ``DEFAULT_TOKENS`` when it has a "tokens" axis), and every --axis NAME=SIZES."""
-    symbolic = {d for spec in inputs for d in spec["shape"] if isinstance(d, str)}
+    """The sweep of a profile. ``roles`` maps a role to the model's axis in it (the manifest's
+    ``roles``, e.g. ``{"tokens": "visual_tokens"}``): --batch and --tokens size the axis of their
+    role (default ``ROLE_SIZES[role]`` when the model has that axis), every --axis NAME=SIZES
+    the axis it names."""
+    roles = dict(roles or {})
+    symbolic = sorted({d for spec in inputs for d in spec["shape"] if isinstance(d, str)})
+    given = {"batch": list(batch), "tokens": list(tokens)}
     sweep: dict[str, list[int]] = {}
-    if batch:
-        sweep["batch"] = list(batch)
-    elif "batch" in symbolic:
-        sweep["batch"] = [1]
-    if tokens:
-        sweep["tokens"] = list(tokens)
-    elif "tokens" in symbolic:
-        sweep["tokens"] = [DEFAULT_TOKENS]
+    for role, sizes in given.items():
+        axis = roles.get(role)
+        if sizes and axis is None:
+            raise UserError(
+                f"--{role} sizes the model's {role} axis, but its manifest gives no axis that "
+                f"role (roles: {roles or 'none'}; symbolic axes: {', '.join(symbolic) or 'none'})",
+                stage="profile",
+                hint="name the axis instead: --axis NAME=SIZES")
+        if sizes:
+            sweep[axis] = sizes
+        elif axis in symbolic:
+            sweep[axis] = [ROLE_SIZES[role]]
     for text in axes:
         name, sizes = parse_axis(text)
-        if (name == "batch" and batch) or (name == "tokens" and tokens):
+        twice = [role for role, sizes in given.items() if sizes and roles.get(role) == name]
+        if twice:
             raise UserError(
-                f"{name} is given twice (--{name} and --axis {name}=...)",
+                f"{name} is given twice (--{twice[0]} and --axis {name}=...)",
                 stage="profile",
-                hint=f"use --{name} only",
+                hint=f"use --{twice[0]} only",
             )
         sweep[name] = sizes
     return sweep
@@ -387,8 +405,6 @@ def synthetic_feed(
     other axes and 0-d values from ``template`` (e.g. a golden case, so a run-time count such
     as a query count keeps a realistic value), integers within the template's values or the
     input's recorded range, masks with the first position kept."""
-    from qcrun.inputs import make_inputs
-
     return make_inputs(inputs, sizes, seed, template=template)
 
 
@@ -407,9 +423,6 @@ def synthetic_feeds(model) -> Callable[[Any, SweepPoint], dict[str, np.ndarray]]
 def golden_template(model) -> dict[str, np.ndarray] | None:
     """The first golden case's inputs, if the model has a readable golden set: they give the
     sizes of axes that are not swept and values such as Matryoshka's m."""
-    from qcrun.files import MANIFEST_FILE
-    from qcrun.golden import load_golden
-
     directory = model.golden_dir()
     if directory is None or not (directory / MANIFEST_FILE).is_file():
         return None
@@ -433,10 +446,13 @@ def input_memory_bound() -> int:
     return min(total // 8, 4 << 30)
 
 
-def check_input_memory(inputs: Sequence[InputSpec], points: Sequence[SweepPoint]) -> None:
+def check_input_memory(inputs: Sequence[InputSpec], points: Sequence[SweepPoint],
+                       roles: Mapping[str, str] | None = None) -> None:
     """Refuse a sweep point whose inputs alone exceed ``input_memory_bound``, naming the flag
-    that asked for it, before any array is allocated."""
+    that asked for it (``--ROLE`` for an axis in one of ``roles``), before any array is
+    allocated."""
     bound = input_memory_bound()
+    flag_of = {axis: f"--{role}" for role, axis in (roles or {}).items() if role in ROLE_SIZES}
     for point in points:
         shapes = input_shapes(inputs, point.as_dict())
         size = 0
@@ -446,8 +462,7 @@ def check_input_memory(inputs: Sequence[InputSpec], points: Sequence[SweepPoint]
                 count *= dim
             size += count * np.dtype(spec.get("dtype") or "float32").itemsize
         if size > bound:
-            flags = ", ".join(f"--{k}" if k in ("batch", "tokens") else f"--axis {k}=..."
-                              for k, v in point.sizes if v > 1)
+            flags = ", ".join(flag_of.get(k, f"--axis {k}=...") for k, v in point.sizes if v > 1)
             raise UserError(
                 f"the inputs at {point.label()} would take {size / 2**30:.3g} GiB, over the "
                 f"bound of {bound / 2**30:.3g} GiB per shape (1/8 of this machine's memory, at "

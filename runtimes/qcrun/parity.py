@@ -29,23 +29,27 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from qcrun import machine
+from qcrun.choices import PRECISIONS, TOLERANCE_FIELDS
 from qcrun.engines import LoadFailed, RunFailed, TargetUnavailable, adapter_for, availability
 from qcrun.errors import UserError, unknown_choice
 from qcrun.golden import GoldenSet
-from qcrun.targets import PRECISIONS, TOLERANCE_FIELDS, Target, get_target
+from qcrun.schema import dump, parse, read_json
+from qcrun.targets import Target, get_target
 
 #: Floor on |expected| in max_rel, so that an expected 0 does not divide by zero. It only
 #: affects the reported max_rel; the verdict uses the allclose bound above.
 REL_FLOOR = 1e-6
 
 VERDICTS = ("pass", "fail", "skip")
+#: The version of a parity report's JSON (``ParityReport.to_json``).
+FORMAT = 1
 
 #: Record codes of a target that ran nothing (a skip, or a failure when the target was required).
 NOT_RUN_CODES = ("unavailable", "precision", "attention-form")
@@ -57,6 +61,8 @@ NOT_RUN_CODES = ("unavailable", "precision", "attention-form")
 @dataclass(frozen=True)
 class Tolerance:
     """Bounds for one output: ``|a - e| <= max_abs + max_rel*|e|`` per element, and cosine."""
+
+    WRITE_NULLS: ClassVar[bool] = True
 
     max_abs: float
     max_rel: float | None = None
@@ -74,13 +80,6 @@ class Tolerance:
 
     def describe(self) -> str:
         return f"max_abs {self.bound()}, cosine >= {self.min_cosine:g}"
-
-    def to_dict(self) -> dict[str, float | None]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Tolerance:
-        return cls(**_checked_fields(data))
 
 
 def _checked_fields(fields: Mapping[str, Any]) -> dict[str, float | None]:
@@ -115,7 +114,7 @@ class TolerancePolicy:
     """Which tolerance applies to (precision, target, output).
 
     ``resolve`` starts from ``defaults[precision]``, then applies, each over the last:
-    the target profile's ``tolerance_overrides[precision]`` (when ``use_target_profiles``),
+    the target's ``tolerance_overrides[precision]`` (when ``use_target_settings``),
     ``targets[target]["*"]``, ``targets[target][precision]``, ``outputs[output]["*"]``,
     ``outputs[output][precision]``. Overrides are partial: ``{"max_abs": 1e-3}`` keeps the
     other fields. Outputs come last because an output's nature (logits vs normalised features)
@@ -125,9 +124,14 @@ class TolerancePolicy:
     defaults: Mapping[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
     targets: Scoped = field(default_factory=dict)
     outputs: Scoped = field(default_factory=dict)
-    use_target_profiles: bool = True
+    use_target_settings: bool = field(default=True, metadata={"key": "use_target_profiles"})
 
     def __post_init__(self):
+        # plain dicts, so that ``qcrun.schema.dump`` writes any Mapping a caller passed
+        object.__setattr__(self, "defaults", dict(self.defaults))
+        for name in ("targets", "outputs"):
+            plain = {k: {s: dict(f) for s, f in v.items()} for k, v in getattr(self, name).items()}
+            object.__setattr__(self, name, plain)
         for scoped in (self.targets, self.outputs):
             for scopes in scoped.values():
                 for scope, fields in scopes.items():
@@ -141,7 +145,7 @@ class TolerancePolicy:
         target = get_target(target)
         tolerance = self.defaults[precision]
         layers = []
-        if self.use_target_profiles:
+        if self.use_target_settings:
             layers.append(target.tolerance_overrides.get(precision, {}))
         for scopes in (self.targets.get(target.name, {}), self.outputs.get(output, {})):
             layers += [scopes.get("*", {}), scopes.get(precision, {})]
@@ -150,39 +154,42 @@ class TolerancePolicy:
                 tolerance = tolerance.overridden(fields)
         return tolerance
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "defaults": {k: t.to_dict() for k, t in self.defaults.items()},
-            "targets": _plain(self.targets),
-            "outputs": _plain(self.outputs),
-            "use_target_profiles": self.use_target_profiles,
-        }
+    @classmethod
+    def from_dict(cls, data: object, *, where: str = "tolerance policy",
+                  stage: str = "policy") -> TolerancePolicy:
+        """A policy from plain data (``qcrun.schema.dump`` of a policy, the body of a policy
+        file): partial overrides over qcrun's built-in policy, read by ``qcrun.schema.parse``."""
+        return cls.over_defaults(parse(PolicyOverrides, data, where=where, stage=stage))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TolerancePolicy:
-        """A policy from plain data; missing defaults are the built-in ones."""
+    def over_defaults(cls, overrides: PolicyOverrides) -> TolerancePolicy:
+        """``overrides`` laid over qcrun's built-in policy; missing defaults are the built-in."""
         defaults = dict(DEFAULT_TOLERANCES)
-        for precision, fields in (data.get("defaults") or {}).items():
+        for precision, fields in overrides.defaults.items():
             if precision not in PRECISIONS:
                 raise unknown_choice("precision", precision, PRECISIONS)
             defaults[precision] = defaults[precision].overridden(fields)
-        return cls(
-            defaults=defaults,
-            targets=data.get("targets") or {},
-            outputs=data.get("outputs") or {},
-            use_target_profiles=bool(data.get("use_target_profiles", True)),
-        )
-
-
-def _plain(scoped: Scoped) -> dict:
-    return {k: {s: dict(f) for s, f in v.items()} for k, v in scoped.items()}
+        return cls(defaults=defaults, targets=overrides.targets, outputs=overrides.outputs,
+                   use_target_settings=overrides.use_target_settings)
 
 
 _Fields = dict[str, float | None]
 
 
 @dataclass(frozen=True)
-class PolicyFile:
+class PolicyOverrides:
+    """Tolerance overrides as data: partial fields per precision over qcrun's built-in policy
+    (``TolerancePolicy.resolve`` says in which order they apply). ``dump(TolerancePolicy)``
+    writes this shape, with every default in full."""
+
+    defaults: dict[str, _Fields] = field(default_factory=dict)
+    targets: dict[str, dict[str, _Fields]] = field(default_factory=dict)
+    outputs: dict[str, dict[str, _Fields]] = field(default_factory=dict)
+    use_target_settings: bool = field(default=True, metadata={"key": "use_target_profiles"})
+
+
+@dataclass(frozen=True)
+class PolicyFile(PolicyOverrides):
     """A tolerance policy file the user names (``--policy FILE``), format 1::
 
         {"format": 1, "defaults": {"fp32": {"max_abs": 1e-3}},
@@ -196,11 +203,7 @@ class PolicyFile:
     VERSIONS: ClassVar[tuple[int, ...]] = (1,)
     VERSION_KEY: ClassVar[str] = "format"
 
-    format: int
-    defaults: dict[str, _Fields] = field(default_factory=dict)
-    targets: dict[str, dict[str, _Fields]] = field(default_factory=dict)
-    outputs: dict[str, dict[str, _Fields]] = field(default_factory=dict)
-    use_target_profiles: bool = True
+    format: int = 1  # required all the same: the version is checked before the fields
     description: str | None = None
 
 
@@ -212,14 +215,12 @@ def policy_for(precision: str, *, policy_file: str | Path | None = None) -> Tole
         raise unknown_choice("precision", precision, PRECISIONS)
     if policy_file is None:
         return TolerancePolicy()
-    from qcrun.schema import dump, parse, read_json
-
     path = Path(policy_file)
     where = f"policy file {path}"
     data = parse(PolicyFile, read_json(path, what="policy file", stage="policy"), where=where,
                  stage="policy")
     try:
-        return TolerancePolicy.from_dict(dump(data))
+        return TolerancePolicy.over_defaults(data)
     except UserError as e:
         raise UserError(f"{where}: {e.args[0]}", stage="policy",
                         hint="keys are precisions (or '*') and max_abs, max_rel, min_cosine"
@@ -233,6 +234,8 @@ def policy_for(precision: str, *, policy_file: str | Path | None = None) -> Tole
 class Metrics:
     """How far one output is from its golden value. Value metrics cover positions where both
     arrays are finite; they are None when the shapes differ (there is nothing to pair up)."""
+
+    WRITE_NULLS: ClassVar[bool] = True
 
     max_abs: float | None
     max_rel: float | None
@@ -253,21 +256,6 @@ class Metrics:
     worst_index: tuple[int, ...] | None = None
     worst_actual: float | None = None
     worst_expected: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("actual_shape", "expected_shape", "worst_index"):
-            if data[key] is not None:
-                data[key] = list(data[key])
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Metrics:
-        data = dict(data)
-        for key in ("actual_shape", "expected_shape", "worst_index"):
-            if data.get(key) is not None:
-                data[key] = tuple(data[key])
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -397,6 +385,8 @@ class Record:
     load, run, unavailable, precision, attention-form.
     """
 
+    WRITE_NULLS: ClassVar[bool] = True
+
     target: str
     case: str
     output: str | None
@@ -405,21 +395,6 @@ class Record:
     message: str = ""
     metrics: Metrics | None = None
     tolerance: Tolerance | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["metrics"] = self.metrics.to_dict() if self.metrics else None
-        data["tolerance"] = self.tolerance.to_dict() if self.tolerance else None
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Record:
-        data = dict(data)
-        if data.get("metrics") is not None:
-            data["metrics"] = Metrics.from_dict(data["metrics"])
-        if data.get("tolerance") is not None:
-            data["tolerance"] = Tolerance.from_dict(data["tolerance"])
-        return cls(**data)
 
     def describe(self) -> str:
         """One line with the numbers, for a failure list."""
@@ -444,16 +419,23 @@ def environment() -> dict[str, Any]:
 
 @dataclass
 class ParityReport:
-    """Every record of a parity run, and what it ran on. JSON is the source of truth."""
+    """Every record of a parity run, and what it ran on. JSON is the source of truth: format
+    ``FORMAT``, the fields in this order, then the verdict (``passed``, ``ran``, ``counts``)."""
 
-    records: list[Record]
+    DERIVED: ClassVar[dict[str, Callable]] = {
+        "passed": lambda report: report.passed,
+        "ran": lambda report: report.ran(),
+        "counts": lambda report: report.counts(),
+    }
+
     model: str = ""
     golden: str = ""
     precision: str = "fp32"
     targets: list[str] = field(default_factory=list)
     required: list[str] = field(default_factory=list)
-    environment: dict[str, Any] = field(default_factory=dict)
     optional: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    records: list[Record] = field(default_factory=list)
 
     def failures(self) -> list[Record]:
         return [r for r in self.records if r.verdict == "fail"]
@@ -489,36 +471,21 @@ class ParityReport:
     # -- JSON ---------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": 1,
-            "model": self.model,
-            "golden": self.golden,
-            "precision": self.precision,
-            "targets": list(self.targets),
-            "required": list(self.required),
-            "optional": list(self.optional),
-            "passed": self.passed,
-            "ran": self.ran(),
-            "counts": self.counts(),
-            "environment": self.environment,
-            "records": [r.to_dict() for r in self.records],
-        }
+        return {"format": FORMAT, **dump(self)}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ParityReport:
-        return cls(
-            records=[Record.from_dict(r) for r in data["records"]],
-            model=data.get("model", ""),
-            golden=data.get("golden", ""),
-            precision=data.get("precision", "fp32"),
-            targets=list(data.get("targets", [])),
-            required=list(data.get("required", [])),
-            environment=dict(data.get("environment", {})),
-            optional=list(data.get("optional", [])),
-        )
+    def from_dict(cls, data: object) -> ParityReport:
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+            got = data.get("format") if isinstance(data, Mapping) else None
+            raise UserError(f"not a parity report of format {FORMAT} (format {got!r})",
+                            stage="parity",
+                            hint="pass a JSON file written by `qcrun verify --json` or "
+                                 "`qcexport parity --json`")
+        body = {k: v for k, v in data.items() if k != "format"}
+        return parse(cls, body, where="parity report JSON", stage="parity")
 
     @classmethod
     def from_json(cls, text: str) -> ParityReport:
@@ -754,7 +721,7 @@ def _run_target(
     if not ok:
         return _not_run(target, golden, reason, "unavailable", required)
 
-    if target.needs_profile_shapes and "profile_shapes" not in options:
+    if target.needs_shape_ranges and "profile_shapes" not in options:
         options.setdefault("profile_feeds", [case.inputs for case in golden.cases])
     adapter = adapter_for(model_path, target, **options)
     try:
@@ -860,7 +827,7 @@ def kernel_parity(
             outputs = evaluator.run(case.inputs)
             cases.append(replace(case, outputs={k: outputs[k] for k in case.outputs}))
     expected = replace(golden, cases=cases)
-    policy = TolerancePolicy(defaults=dict(KERNEL_TOLERANCES), use_target_profiles=False)
+    policy = TolerancePolicy(defaults=dict(KERNEL_TOLERANCES), use_target_settings=False)
     report = run_parity(model_path, expected, others, policy, precision,
                         attention_form=attention_form)
     report.golden = f"{REFERENCE_TARGET} on {Path(model_path).name} ({golden.mechanism} inputs)"

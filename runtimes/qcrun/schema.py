@@ -12,7 +12,8 @@ A dataclass may also carry ``WRITE_NULLS = True`` (optional fields at None are w
 null instead of left out) and ``DERIVED``, a mapping of JSON key -> function of the instance
 for values computed from the fields (statistics, totals): :func:`dump` writes them after the
 fields, for readers of the JSON, and :func:`parse` accepts and ignores them, since they are
-computed again from the fields.
+computed again from the fields. A field with ``metadata={"dump": False}`` is kept in memory
+only (a detail too large for the file, such as per-node counts) and never written.
 
 A schema names its version field and the versions it reads with the class attributes
 ``VERSION_KEY`` and ``VERSIONS``; the version is checked before anything else, so a file
@@ -158,6 +159,8 @@ def _dump(value):
         nulls = getattr(cls, "WRITE_NULLS", False)
         out = {}
         for f in dataclasses.fields(value):
+            if not f.metadata.get("dump", True):
+                continue
             item = getattr(value, f.name)
             # An optional field left at None is written as absent, as the writers always did.
             if item is None and f.default is None and not nulls:

@@ -1,4 +1,4 @@
-"""Named target profiles: which engine runs a model, on what, with which options.
+"""Named targets: which engine runs a model, on what, with which options.
 
 A target is data, not code: adding one is adding a ``Target`` to ``_TARGETS``. Adapters read the
 engine, device, providers and options from it; the exporter reads the attention forms and the
@@ -17,11 +17,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from qcrun.choices import ATTENTION_FORMS, PRECISIONS, TOLERANCE_FIELDS
 from qcrun.errors import UserError, unknown_choice
-
-ATTENTION_FORMS = ("onnx", "ort", "decomposed")
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
-TOLERANCE_FIELDS = ("max_abs", "max_rel", "min_cosine")
 
 _CPU_EP = "CPUExecutionProvider"
 _TRT_EP = "TensorrtExecutionProvider"
@@ -38,7 +35,7 @@ class Refusal:
 
 
 def _frozen(mapping: Mapping | None) -> Mapping:
-    """A read-only copy, so that a shared profile cannot be changed by one caller."""
+    """A read-only copy, so that a shared target cannot be changed by one caller."""
     return MappingProxyType(dict(mapping or {}))
 
 
@@ -112,7 +109,7 @@ class Target:
         return "; ".join(r.reason for r in found) or None
 
     @property
-    def needs_profile_shapes(self) -> bool:
+    def needs_shape_ranges(self) -> bool:
         """TensorRT builds an engine per shape range, so every dynamic input needs min/opt/max."""
         return _TRT_EP in self.providers
 
@@ -131,6 +128,28 @@ class Target:
 #   adapter does); allow the same as TF32.
 _TF32 = {"max_abs": 1e-3, "min_cosine": 0.9999}
 _FP16_LEVEL = {"max_abs": 1e-2, "max_rel": 1e-2, "min_cosine": 0.999}
+
+def _tensorrt(name: str, description: str, *, fp16: bool, workspace_bytes: int,
+              fp32_tolerance: Mapping[str, float]) -> Target:
+    """A target on ONNX Runtime's TensorRT EP (CUDA, then CPU, for the nodes it does not take)."""
+    return Target(
+        name=name,
+        engine="onnxruntime",
+        description=description,
+        providers=(_TRT_EP, _CUDA_EP, _CPU_EP),
+        # TensorRT parses Attention only from 10.14 and never inside If.
+        attention_forms=("decomposed",),
+        max_opset=17,
+        precisions=("fp32", "fp16", "int8-static"),
+        options={
+            "graph_optimization_level": "all",
+            "trt_fp16": fp16,
+            "trt_workspace_bytes": workspace_bytes,
+            "trt_cache": True,
+        },
+        tolerance_overrides={"fp32": fp32_tolerance},
+    )
+
 
 _TARGETS: dict[str, Target] = {
     t.name: t
@@ -156,40 +175,20 @@ _TARGETS: dict[str, Target] = {
             options={"graph_optimization_level": "all"},
             tolerance_overrides={"fp32": _TF32},
         ),
-        Target(
-            name="ort-tensorrt",
-            engine="onnxruntime",
-            description="ONNX Runtime, TensorRT execution provider with CUDA fallback",
-            providers=(_TRT_EP, _CUDA_EP, _CPU_EP),
-            # TensorRT parses Attention only from 10.14 and never inside If.
-            attention_forms=("decomposed",),
-            max_opset=17,
-            precisions=("fp32", "fp16", "int8-static"),
-            options={
-                "graph_optimization_level": "all",
-                "trt_fp16": False,
-                "trt_workspace_bytes": 4 << 30,
-                "trt_cache": True,
-            },
-            tolerance_overrides={"fp32": _TF32},
+        _tensorrt(
+            "ort-tensorrt",
+            "ONNX Runtime, TensorRT execution provider with CUDA fallback",
+            fp16=False,
+            workspace_bytes=4 << 30,
+            fp32_tolerance=_TF32,
         ),
-        Target(
-            name="jetson-orin",
-            engine="onnxruntime",
-            description="Jetson Orin (JetPack 6, TensorRT 10.3): TensorRT EP in fp16, CUDA "
-            "fallback",
-            providers=(_TRT_EP, _CUDA_EP, _CPU_EP),
-            attention_forms=("decomposed",),
-            max_opset=17,
-            precisions=("fp32", "fp16", "int8-static"),
+        _tensorrt(
+            "jetson-orin",
+            "Jetson Orin (JetPack 6, TensorRT 10.3): TensorRT EP in fp16, CUDA fallback",
+            fp16=True,
             # Orin modules share 8-64 GB between CPU and GPU: keep the builder's workspace small.
-            options={
-                "graph_optimization_level": "all",
-                "trt_fp16": True,
-                "trt_workspace_bytes": 2 << 30,
-                "trt_cache": True,
-            },
-            tolerance_overrides={"fp32": _FP16_LEVEL},
+            workspace_bytes=2 << 30,
+            fp32_tolerance=_FP16_LEVEL,
         ),
         Target(
             name="openvino-cpu",
@@ -235,23 +234,13 @@ def target_names() -> list[str]:
 
 
 def get_target(name: str | Target) -> Target:
-    """The profile called ``name``; an unknown name is a UserError listing the valid ones."""
+    """The target called ``name``; an unknown name is a UserError listing the valid ones."""
     if isinstance(name, Target):
         return name
     try:
         return _TARGETS[name]
     except KeyError:
         raise unknown_choice("target", name, _TARGETS, flag="--target") from None
-
-
-def __getattr__(name: str):
-    # ``availability`` moved to qcrun.engines (engines import this module, so it cannot import
-    # them at load): kept here for the importers not yet moved, resolved on first use.
-    if name == "availability":
-        from qcrun.engines import availability
-
-        return availability
-    raise AttributeError(f"module 'qcrun.targets' has no attribute {name!r}")
 
 
 # --- TensorRT --------------------------------------------------------------------------------

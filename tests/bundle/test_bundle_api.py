@@ -13,10 +13,10 @@ import pytest
 import qcrun
 from qcrun.api import AUTO_ORDER, auto_order, plan_targets
 from qcrun.bundle import BundleDamaged, open_bundle, pack_archive
+from qcrun.engines import availability
 from qcrun.errors import UserError
 from qcrun.golden import load_golden
 from qcrun.parity import compare
-from qcrun.targets import availability
 
 CPU_TARGETS = ["ort-cpu", "openvino-cpu"]
 EXAMPLE_APP = Path(__file__).resolve().parents[2] / "scripts" / "example_app.py"

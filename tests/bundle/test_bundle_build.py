@@ -16,10 +16,11 @@ from qcrun.bundle import (
     pack_archive,
     verify_bundle,
 )
+from qcrun.engines import availability
 from qcrun.errors import UserError
 from qcrun.golden import file_sha256, load_golden
 from qcrun.parity import TolerancePolicy
-from qcrun.targets import PRECISIONS, availability, target_names
+from qcrun.targets import PRECISIONS, target_names
 
 from qcexport.bundle import make_bundle, output_paths, parse_shape_ranges
 from qcexport.cli import main as qcexport_main
@@ -98,7 +99,7 @@ def test_bundle_policy_is_the_host_policy_written_out(ov_bundle):
     qcrun's target profiles say (unsigned, it uses its own: tests/bundle/test_bundle_trust.py)."""
     with open_bundle(ov_bundle.path) as bundle:
         policy = bundle.host_policy
-    assert policy.use_target_profiles is False
+    assert policy.use_target_settings is False
     host = TolerancePolicy()
     for target in target_names():
         for precision in PRECISIONS:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import onnxruntime
 import pytest
-from qcrun.adapters import OrtAdapter
 from qcrun.bundle import open_bundle
+from qcrun.engines.ort import OrtAdapter
 from qcrun.errors import UserError
 
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from qcrun.bundle import pack_archive
 from qcrun.cli import main as qcrun_main
+from qcrun.engines import availability
 from qcrun.parity import ParityReport
-from qcrun.targets import availability
 
 
 def invoke(*args):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qcexport import mechanisms
-from qcexport.diagnostics.maps import with_attention_maps
+from qcexport.export.maps import with_attention_maps
 
 
 @pytest.fixture(autouse=True)

@@ -19,9 +19,6 @@ from qcrun.cli import main as qcrun_main
 from qcexport.cli import main as qcexport_main
 from qcexport.golden import golden_dir
 
-# Runs the mechanisms and their exports through the CLIs: `make test-fast` leaves them out.
-pytestmark = pytest.mark.slow
-
 
 def qcexport(*args):
     return CliRunner().invoke(qcexport_main, [str(a) for a in args])
@@ -35,6 +32,7 @@ def _images(index: Path) -> list[str]:
     return re.findall(r"<img src='([^']+)'", index.read_text())
 
 
+@pytest.mark.slow
 def test_inspect_qformer_writes_page_pngs_and_metrics(tmp_path):
     out = tmp_path / "inspect"
     result = qcexport("inspect", "qformer", "--preset", "tiny", "-o", out)
@@ -68,6 +66,7 @@ def test_inspect_qformer_writes_page_pngs_and_metrics(tmp_path):
     assert not stale.exists() and not list(out.glob(".inspect-*"))
 
 
+@pytest.mark.slow
 def test_inspect_overlays_an_image_and_conditions_on_text(tmp_path):
     picture = tmp_path / "scene.png"
     Image.new("RGB", (140, 100), (20, 40, 90)).save(picture)
@@ -109,6 +108,7 @@ def test_tokens_without_a_grid_fall_back_to_a_strip(tmp_path):
     assert metrics["cases"][0]["maps"][0]["media"][:3] == [None, None, None]  # before any image
 
 
+@pytest.mark.slow
 def test_routing_table_and_matryoshka_sweep(tmp_path):
     tasks = ["task0_t49", "task1_t17", "task4_t33"]  # between them, every branch runs
     result = qcexport("inspect", "routing", *(f"--case={t}" for t in tasks), "--json", "-o",
@@ -219,6 +219,7 @@ def test_qcrun_inspect_runs_without_torch(exported, tmp_path):
     assert len(case["maps"][0]["entropy"]) == 8
 
 
+@pytest.mark.slow
 def test_convert_flags_add_per_head_maps(tmp_path):
     out = tmp_path / "perceiver"
     result = qcexport("convert", "perceiver", "--with-attention-maps", "--map-heads", "each",

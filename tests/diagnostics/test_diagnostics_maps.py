@@ -8,11 +8,12 @@ import torch
 from qcrun.diagnostics import Run, analyse, token_grid
 
 from qcexport import mechanisms
-from qcexport.diagnostics.maps import MAP_PREFIX, with_attention_maps
 from qcexport.diagnostics.render import heatmap
+from qcexport.export.maps import MAP_PREFIX, with_attention_maps
 from qcexport.mechanisms.attention import record_attention, set_fused
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", mechanisms.names())
 def test_regular_outputs_unchanged_and_maps_are_distributions(name, golden_feed, eager_maps):
     spec = mechanisms.get(name)

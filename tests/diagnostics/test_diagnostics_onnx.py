@@ -8,7 +8,7 @@ import json
 import numpy as np
 import onnx
 import torch
-from qcrun.adapters import open_adapter
+from qcrun.engines import open_adapter
 from qcrun.golden import load_golden
 from qcrun.parity import run_parity
 

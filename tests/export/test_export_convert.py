@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 from qcrun import files
-from qcrun.adapters import open_adapter
+from qcrun.engines import open_adapter
 from qcrun.errors import UserError
 from torch import nn
 

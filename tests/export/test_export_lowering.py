@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from qcrun.adapters import open_adapter
+from qcrun.engines import open_adapter
 from qcrun.errors import UserError
 
 from qcexport.export.lowering import count_ops, downgrade_to_opset17, fused_attention_count

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from qcrun.adapters import open_adapter
+from qcrun.engines import open_adapter
 from qcrun.golden import file_sha256
 
 from qcexport import mechanisms
@@ -136,6 +136,7 @@ def test_runtime_matches_eager(converted, eager_cases, name, form, target):
     assert not failures, f"{name} {form} on {target}: {failures}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", mechanisms.names())
 def test_eager_references_are_not_degenerate(eager_cases, name):
     """A constant or zero output would make the parity checks above pass trivially."""

@@ -65,3 +65,14 @@ def test_seeded():
     a, b, c = (resample(example(), AXES, seed=s) for s in (5, 5, 6))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["features"], c["features"])
+
+
+def test_the_batch_axis_is_the_one_the_roles_name():
+    from qcexport.mechanisms.registry import AxisRoles
+
+    ex = {"x": torch.zeros(4, 6)}
+    axes = {"x": {0: "batch", 1: "images"}}
+    # default roles: "batch" grows by one (4 -> 5), "images" by max(3, 6 // 2) (6 -> 9)
+    assert resample(ex, axes, seed=0)["x"].shape == (5, 9)
+    # a spec whose batch axis is named "images": that one grows by one, "batch" by 3
+    assert resample(ex, axes, seed=0, roles=AxisRoles(batch="images"))["x"].shape == (7, 7)

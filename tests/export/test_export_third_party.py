@@ -12,6 +12,9 @@ from torch import nn
 
 import qcexport
 
+# Every test converts a third-party module (seconds each): `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
+
 
 def test_transformers_hidden_states_are_exported(tmp_path):
     """transformers records hidden states through a per-class registry (keyed on the class

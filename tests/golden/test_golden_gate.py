@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from qcrun.engines import availability
 from qcrun.golden import load_golden
 from qcrun.parity import name_list
-from qcrun.targets import availability
 
 from qcexport import mechanisms
 from qcexport.golden import eager_drift, golden_dir

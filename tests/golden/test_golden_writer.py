@@ -102,3 +102,19 @@ def test_routing_golden_cases_cover_every_branch():
     assert spec.golden_check(module, cases) == []
     # and the check does bite: with one case only, some branch is missing
     assert spec.golden_check(module, cases[:1]) != []
+
+
+def test_a_new_set_takes_an_empty_directory_but_never_someone_s_files(tmp_path):
+    """The staged set replaces only an empty directory (nothing lost); a directory holding
+    files but no golden set is refused as it is, and no staging is left behind."""
+    (tmp_path / "matryoshka" / "tiny").mkdir(parents=True)
+    assert write_golden("matryoshka", root=tmp_path).written
+    assert load_golden(tmp_path / "matryoshka" / "tiny").mechanism == "matryoshka"
+
+    busy = tmp_path / "other" / "perceiver" / "tiny"
+    busy.mkdir(parents=True)
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds notes.txt but no golden set"):
+        write_golden("perceiver", root=tmp_path / "other")
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    assert [p.name for p in busy.parent.iterdir()] == ["tiny"]  # no staging left

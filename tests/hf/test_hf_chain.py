@@ -97,6 +97,7 @@ def test_golden_of_another_model_is_refused(converted, maker, tmp_path):
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.slow
 def test_factory_golden_with_cases_and_constants(tmp_path, monkeypatch):
     """A user's factory with a golden case generator and a non-tensor argument: golden,
     convert and parity agree; a case that changes the constant is refused by name."""
@@ -180,6 +181,7 @@ def make_bad_cases():
 '''
 
 
+@pytest.mark.slow
 def test_factory_without_cases_gets_seeded_variations(tmp_path, monkeypatch):
     """No case generator: the example shape, each dynamic axis at another size, and padded
     masks; the converted model passes on all of them."""

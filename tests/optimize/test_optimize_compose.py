@@ -27,6 +27,7 @@ def _example(seed: int) -> torch.Tensor:
     return torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 def test_convert_at_a_reduced_precision_keeps_the_fp32_reference(tmp_path):
     torch.manual_seed(0)
     module = TwoLayers().eval()

@@ -97,6 +97,8 @@ def write_model_dir(directory: Path, model, *, dynamic_axes=None, mechanism="toy
                     for v in model.graph.output],
         "dynamic_axes": dynamic_axes
         or {"queries": {"0": "batch"}, "visual": {"0": "batch", "2": "tokens"}},
+        # the axis roles an export of a registered mechanism writes (``AxisRoles``' defaults)
+        "roles": {"batch": "batch", "tokens": "tokens"},
     }
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return directory

@@ -20,7 +20,7 @@ from qcrun.profile import ProfileReport
 from qcrun.targets import list_targets
 
 from qcexport.cli import main as qcexport_main
-from qcexport.commands.profile import spec_feeds
+from qcexport.mechanisms.feeds import spec_feeds
 
 # Profiles on real engines through the CLIs: `make test-fast` leaves them out.
 pytestmark = pytest.mark.slow

@@ -13,6 +13,9 @@ from qcrun.latency import sweep_points, synthetic_feed
 from qcrun.profile import ProfileReport, profile_model
 from qcrun.report_html import render_html
 
+# Every test reads a profile made on real engines (seconds): `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
+
 SVG = "{http://www.w3.org/2000/svg}"
 
 

@@ -157,12 +157,32 @@ def test_sweep_grid_and_labels():
     assert points[1].label() == "batch=1 tokens=1025"
 
 
+ROLES = {"batch": "batch", "tokens": "tokens"}
+
+
 def test_plan_sweep_defaults_and_axes():
-    assert plan_sweep(INPUTS) == {"batch": [1], "tokens": [257]}
-    assert plan_sweep(INPUTS, batch=[2], tokens=[5, 9], axes=["text=3,4"]) == {
+    assert plan_sweep(INPUTS, roles=ROLES) == {"batch": [1], "tokens": [257]}
+    assert plan_sweep(INPUTS, roles=ROLES, batch=[2], tokens=[5, 9], axes=["text=3,4"]) == {
         "batch": [2], "tokens": [5, 9], "text": [3, 4]}
     with pytest.raises(UserError, match="given twice"):
-        plan_sweep(INPUTS, tokens=[5], axes=["tokens=7"])
+        plan_sweep(INPUTS, roles=ROLES, tokens=[5], axes=["tokens=7"])
+
+
+def test_plan_sweep_finds_axes_by_role_not_by_name():
+    renamed = [{"name": "image_features", "dtype": "float32", "shape": ["n", "patches", 16]},
+               {"name": "text_ids", "dtype": "int64", "shape": ["n", "text"]}]
+    roles = {"batch": "n", "tokens": "patches"}
+    assert plan_sweep(renamed, roles=roles) == {"n": [1], "patches": [257]}
+    assert plan_sweep(renamed, roles=roles, batch=[4], tokens=[17]) == {"n": [4], "patches": [17]}
+    with pytest.raises(UserError, match=r"--tokens and --axis patches"):
+        plan_sweep(renamed, roles=roles, tokens=[5], axes=["patches=7"])
+    # an axis called "batch" gets no default and no flag without the role: names mean nothing
+    assert plan_sweep(INPUTS) == {}
+    assert plan_sweep(INPUTS, axes=["batch=2"]) == {"batch": [2]}
+    with pytest.raises(UserError, match="manifest gives no axis that role") as e:
+        plan_sweep(INPUTS, batch=[2])
+    assert e.value.hint == "name the axis instead: --axis NAME=SIZES"
+    assert "symbolic axes: batch, text, tokens" in str(e.value)
 
 
 def test_parse_sizes_and_axes_reject_garbage():

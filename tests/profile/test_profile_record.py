@@ -75,6 +75,7 @@ def test_points_statistics_come_from_their_samples(report, lib):
     assert [(g.axis, g.sizes) for g in growth] == [("tokens", [17, 65, 257])]
 
 
+@pytest.mark.slow
 def test_unavailable_target_is_skipped_with_the_reason(report):
     cuda = report.target("ort-cuda")
     ok, reason = availability("ort-cuda")
@@ -86,6 +87,7 @@ def test_unavailable_target_is_skipped_with_the_reason(report):
     assert cuda.points == [] and cuda.load_s is None
 
 
+@pytest.mark.slow
 def test_per_op_breakdown_folds_to_op_types_and_modules(report):
     ops = report.target("ort-cpu").ops
     assert ops.source == "onnxruntime profiling"
@@ -105,6 +107,7 @@ def test_per_op_breakdown_folds_to_op_types_and_modules(report):
     assert attention[0].module() == "cross"
 
 
+@pytest.mark.slow
 @OPENVINO
 def test_openvino_profile_uses_performance_defaults_and_perf_counters(report):
     ov = report.target("openvino-cpu")
@@ -122,6 +125,7 @@ def test_openvino_profile_uses_performance_defaults_and_perf_counters(report):
         assert any("bf16" in w or "f16" in w for w in ov.warnings)
 
 
+@pytest.mark.slow
 def test_json_round_trip(report, tmp_path):
     text = report.to_json()
     again = ProfileReport.from_json(text)
@@ -140,6 +144,7 @@ def test_json_round_trip(report, tmp_path):
         ProfileReport.from_dict({"format": 9})
 
 
+@pytest.mark.slow
 def test_markdown_table(report):
     text = report.to_markdown(top=3)
     assert "| target | shape | runs | min | p50 | p90 | p99 | max |" in text

@@ -1,7 +1,7 @@
 """Empty never passes: a requested target that ran no case fails unless marked optional, and a
 run in which no case ran at all fails whatever is optional (JSON, JUnit, exit status).
 
-Which targets run here is read from ``qcrun.targets.availability`` (not from the report under
+Which targets run here is read from ``qcrun.engines.availability`` (not from the report under
 test), so each test checks the right behaviour on a CPU-only host and on a CUDA host.
 """
 

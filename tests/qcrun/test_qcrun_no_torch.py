@@ -27,7 +27,7 @@ class NoTorch(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, NoTorch())
 sys.modules["torch"] = None  # `import torch` now raises ImportError
 
-import qcrun.targets, qcrun.golden, qcrun.engines, qcrun.adapters, qcrun.parity, qcrun.cli
+import qcrun.targets, qcrun.golden, qcrun.engines, qcrun.parity, qcrun.cli
 from qcrun.golden import load_golden
 from qcrun.parity import run_parity
 

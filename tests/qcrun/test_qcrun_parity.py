@@ -22,6 +22,7 @@ from qcrun.parity import (
     compare,
     run_parity,
 )
+from qcrun.schema import dump
 
 CPU_TARGETS = ("ort-cpu", "openvino-cpu", "onnx-reference")
 FP32 = DEFAULT_TOLERANCES["fp32"]
@@ -160,7 +161,7 @@ def test_target_profiles_then_policy_targets_then_outputs():
     assert policy.resolve("fp32", "ort-cpu", "logits") == Tolerance(2e-3, 1e-2, 0.99999)
     # jetson-orin runs fp32 graphs with fp16 kernels: held to fp16 numbers
     assert policy.resolve("fp32", "jetson-orin", "y") == Tolerance(1e-2, 1e-2, 0.999)
-    no_profiles = TolerancePolicy(use_target_profiles=False)
+    no_profiles = TolerancePolicy(use_target_settings=False)
     assert no_profiles.resolve("fp32", "jetson-orin", "y") == FP32
 
 
@@ -172,7 +173,7 @@ def test_policy_round_trips_and_rejects_unknowns():
         }
     )
     assert policy.resolve("fp32", "ort-cpu", "pooled") == Tolerance(3e-4, 1e-4, 0.9)
-    assert TolerancePolicy.from_dict(json.loads(json.dumps(policy.to_dict()))) == policy
+    assert TolerancePolicy.from_dict(json.loads(json.dumps(dump(policy)))) == policy
     with pytest.raises(UserError, match="unknown precision 'fp64'; valid precisions: fp16, fp32"):
         policy.resolve("fp64", "ort-cpu")
     with pytest.raises(UserError, match="unknown tolerance field 'atol'"):

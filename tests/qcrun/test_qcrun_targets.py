@@ -1,4 +1,4 @@
-"""Target profiles, availability on this machine, and TensorRT provider options."""
+"""Targets, availability on this machine, and TensorRT provider options."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_engines_devices_and_providers():
         "CUDAExecutionProvider",
         "CPUExecutionProvider",
     )
-    assert jetson.needs_profile_shapes and not get_target("ort-cuda").needs_profile_shapes
+    assert jetson.needs_shape_ranges and not get_target("ort-cuda").needs_shape_ranges
     assert jetson.options["trt_fp16"] is True and jetson.options["trt_cache"] is True
     assert get_target("ort-tensorrt").options["trt_fp16"] is False
     assert get_target("openvino-gpu").device == "GPU"

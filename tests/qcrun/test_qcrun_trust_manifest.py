@@ -328,6 +328,7 @@ class _Embedder(torch.nn.Module):
         return self.proj(torch.cat([x, self.emb(ids)], 1))
 
 
+@pytest.mark.slow
 def test_ranges_derived_generically_for_a_users_module(tmp_path):
     torch.manual_seed(0)
     inputs = {"x": torch.randn(2, 5, 16), "ids": torch.randint(0, 50, (2, 3))}

@@ -40,7 +40,7 @@ def inspect_command(model_dir: Path, target_name, golden_dir, cases, use_random,
     Matryoshka m sweep: the numbers `qcexport inspect` draws, from the model on this device.
     """
     from qcrun import diagnostics as diag
-    from qcrun.adapters import open_adapter
+    from qcrun.engines import open_adapter
 
     source = diag.open_source(model_dir)
     golden = None

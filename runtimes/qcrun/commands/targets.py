@@ -7,7 +7,8 @@ import json
 import click
 
 from qcrun.clikit import json_flag_option
-from qcrun.targets import availability, list_targets
+from qcrun.engines import availability
+from qcrun.targets import list_targets
 
 
 @click.command("targets")

@@ -1,7 +1,6 @@
-"""Latency profiles, in parts: ``records`` (the data and its JSON), ``markdown`` (the table),
-``provenance`` (ONNX node -> PyTorch module), ``gemm`` (the engine's GEMM peak) and ``run``
-(profiling a model on targets). ``qcrun.profile`` is the public face that gathers them.
-
-This package's ``__init__`` imports nothing, so that engine modules can use the records and
-provenance without importing the run (which imports the engines).
+"""The data of a latency profile, in parts: ``records`` (the data and its JSON), ``markdown``
+(the table) and ``provenance`` (ONNX node -> PyTorch module). Engine modules build these
+records in their profiling hooks, so this package sits below ``qcrun.engines`` and imports no
+engine; the run that drives the engines is ``qcrun.profile`` (the public face of all of it),
+the engine's GEMM peak ``qcrun.gemm``.
 """
