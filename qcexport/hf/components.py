@@ -15,6 +15,7 @@ CLIP-like towers; Idefics2's SigLIP tower has none).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from qcrun.errors import unknown_choice
 from torch import nn
 
-from qcexport.mechanisms.registry import Case
+from qcexport.mechanisms.registry import AxisRoles, Case
 
 # --- shapes from the config -------------------------------------------------------------------
 
@@ -153,6 +154,14 @@ class ComponentSpec:
     golden_cases: tuple[Case, ...] = ()
     export_case: Case = field(default_factory=lambda: Case("export", {"batch": 2}))
     verify_case: Case = field(default_factory=lambda: Case("verify", {"batch": 3, "tokens": 9}))
+    # which symbolic axis is the batch and which the visual token count (profile --batch/--tokens)
+    roles: AxisRoles = field(default_factory=AxisRoles)
+
+    def axis_roles(self) -> dict[str, str]:
+        """{role: axis name} for the roles whose axis this component's inputs have."""
+        labels = {label for axes in self.dynamic_axes.values() for label in axes.values()}
+        return {role: axis for role, axis in dataclasses.asdict(self.roles).items()
+                if axis in labels}
 
     def inputs(self, config, case: Case | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         feed = self.make_inputs(config, seed=seed, **(dict(case.params) if case else {}))

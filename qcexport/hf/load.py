@@ -180,6 +180,7 @@ def load_component(path_or_id: str | os.PathLike, name: str) -> HFComponent:
         verify_inputs=[("export_shape", spec.inputs(config, spec.export_case, seed=1)),
                        ("verify_shape", spec.inputs(config, spec.verify_case, seed=2))],
         metadata={"mechanism": "custom",
+                  "roles": spec.axis_roles(),
                   # a local directory by its name only: manifests (and golden sets committed
                   # by users) must not depend on where the model sat on one machine
                   "source": {"kind": "hf", "model": _model_label(str(path_or_id)),

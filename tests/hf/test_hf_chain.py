@@ -209,3 +209,10 @@ def test_factory_without_cases_gets_seeded_variations(tmp_path, monkeypatch):
     assert mask[0].all() and not mask[1:].all()
     r = cli("parity", "m", "--golden", "g", "--targets", "ort-cpu,onnx-reference")
     assert r.exit_code == 0, r.output
+
+
+def test_hf_models_record_axis_roles_for_profile_sweeps(converted):
+    """`qcexport profile --tokens` finds the visual token axis by its role, which the
+    component spec declares; a user's module without roles has none."""
+    manifest = json.loads((converted("qformer").model_dir / "manifest.json").read_text())
+    assert manifest["roles"] == {"batch": "batch", "tokens": "tokens"}
