@@ -48,15 +48,20 @@ def axis_sizes(specs: Sequence[InputSpec], feed: Mapping[str, Any]) -> dict[str,
 
 def shape_of(spec: InputSpec, sizes: Mapping[str, int], template: Any = None) -> tuple[int, ...]:
     """The concrete shape of one input: static dims, then ``sizes``, the template, fallback."""
-    example = None if template is None else np.shape(template)
+    return fill_shape(spec, sizes, None if template is None else np.shape(template))
+
+
+def fill_shape(spec: InputSpec, sizes: Mapping[str, int],
+               example_shape: Sequence[int] | None) -> tuple[int, ...]:
+    """:func:`shape_of` given the template's shape only (no array at hand)."""
     shape = []
     for index, dim in enumerate(spec["shape"]):
         if isinstance(dim, int):
             shape.append(dim)
         elif isinstance(dim, str) and dim in sizes:
             shape.append(int(sizes[dim]))
-        elif example is not None and index < len(example):
-            shape.append(int(example[index]))
+        elif example_shape is not None and index < len(example_shape):
+            shape.append(int(example_shape[index]))
         else:
             shape.append(FALLBACK_SIZE)
     return tuple(shape)

@@ -33,7 +33,7 @@ import numpy as np
 from qcrun.errors import UserError
 from qcrun.files import MANIFEST_FILE
 from qcrun.golden import load_golden
-from qcrun.inputs import make_inputs
+from qcrun.inputs import fill_shape, make_inputs
 
 PERCENTILES = (50, 90, 99)
 DEFAULT_WARMUP = 3
@@ -377,21 +377,8 @@ def input_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """Concrete shapes for ``sizes``: swept symbols take the sweep's size; other symbolic axes
     the size they have in ``defaults`` (e.g. a golden case's inputs), else 1."""
-    shapes = {}
-    for spec in inputs:
-        template = (defaults or {}).get(spec["name"])
-        shape = []
-        for index, dim in enumerate(spec["shape"]):
-            if isinstance(dim, int):
-                shape.append(dim)
-            elif isinstance(dim, str) and dim in sizes:
-                shape.append(int(sizes[dim]))
-            elif template is not None and index < len(template):
-                shape.append(int(template[index]))
-            else:
-                shape.append(1)
-        shapes[spec["name"]] = tuple(shape)
-    return shapes
+    return {spec["name"]: fill_shape(spec, sizes, (defaults or {}).get(spec["name"]))
+            for spec in inputs}
 
 
 def synthetic_feed(
