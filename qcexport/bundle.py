@@ -185,6 +185,8 @@ def make_bundle(
     on_stage: StageCallback | None = None,
     sign: str | Path | None = None,
     policy_file: str | Path | None = None,
+    fix_axes: Mapping[str, int] | None = None,
+    ov_cache: bool = False,
 ) -> BundleResult:
     """Build a bundle of ``model_dir`` for ``target``; see the module docstring.
 
@@ -196,6 +198,9 @@ def make_bundle(
     the bundle, except onnx-reference). ``sign``: an Ed25519 private key (PEM) to sign the
     bundle with. ``policy_file``: the tolerance policy of the host parity run and the one the
     bundle records (default qcrun's built-in policy; a model's manifest never sets it).
+    ``fix_axes`` (role or label -> size): the bundle loads with those axes fixed; golden
+    cases that contradict them are left out, with the reason, and a bundle left with none is
+    refused. ``ov_cache``: an OpenVINO target's bundle also carries the compiled model.
     """
     model_dir = Path(model_dir)
     stage = StageRunner(on_stage)
@@ -225,32 +230,55 @@ def make_bundle(
             detail=lambda r: r[1] or "copied as exported")
         model = source_dir if model_src == model_dir else _read_model_dir(model_src)
         model_manifest = dump(model.manifest)
+        fixed, cases, skipped = _fixed_cases(model_manifest, gset, cases, fix_axes or {})
 
         staging = None
         with _writing(final):
             try:
                 staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-                _copy_model(model, staging)
-                subset = stage("subset", _golden_subset, gset, cases, staging / fmt.GOLDEN_DIR,
-                               detail=lambda g: ", ".join(c.name for c in g.cases))
-                ranges = stage("profile", _shape_ranges, model_manifest, subset, t,
-                               profile_shapes or {},
-                               detail=lambda r: ", ".join(f"{a}={'/'.join(map(str, v))}"
-                                                          for a, v in r.items()))
-                report = stage("parity", _host_parity, staging / MODEL_FILE, subset, model_manifest,
-                               policy, precision, t, host_targets,
-                               detail=lambda r: f"{r.counts()['pass']} passed, "
-                               f"{r.counts()['skip']} skipped")
+                files, subset, ranges, report = _staged(
+                    stage, model, model_manifest, staging, gset, cases, t, profile_shapes,
+                    policy, precision, host_targets, fixed)
                 _write_model_manifest(staging, model_manifest, t, policy)
                 bundle_manifest = _bundle_manifest(
                     name, t, precision, model_manifest, manifest, model_dir, ranges, policy,
                     subset, gset, golden_note, rebuilt, report)
+                bundle_manifest.update(_openvino_fields(stage, files, t, precision,
+                                                        model_manifest, fixed, skipped, ov_cache))
                 written, signed_by = stage("write", _finish, staging, bundle_manifest, final,
                                            archive, name, key, detail=lambda _: str(final))
             finally:
                 if staging is not None and staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)
     return BundleResult(final, written, rebuilt, report, stage.timings, signed_by)
+
+
+def _staged(stage, model, model_manifest, staging: Path, gset, cases, t: Target,
+            profile_shapes, policy, precision, host_targets, fixed):
+    """Model (and IR), golden subset, shape ranges and host parity, in ``staging``."""
+    _copy_model(model, staging)
+    files = _carry_ir(model, model_manifest, staging, t)
+    subset = stage("subset", _golden_subset, gset, cases, staging / fmt.GOLDEN_DIR,
+                   detail=lambda g: ", ".join(c.name for c in g.cases))
+    ranges = stage("profile", _shape_ranges, model_manifest, subset, t, profile_shapes or {},
+                   detail=lambda r: ", ".join(f"{a}={'/'.join(map(str, v))}"
+                                              for a, v in r.items()))
+    report = stage("parity", _host_parity, files, subset, model_manifest, policy, precision, t,
+                   host_targets, fixed, detail=lambda r: f"{r.counts()['pass']} passed, "
+                   f"{r.counts()['skip']} skipped")
+    return files, subset, ranges, report
+
+
+def _openvino_fields(stage, files, t: Target, precision, model_manifest, fixed, skipped,
+                     ov_cache) -> dict[str, Any]:
+    """bundle.json's ``openvino``, ``fixed_axes`` and ``roles``."""
+    return {
+        "openvino": stage("openvino", openvino_entry, files, t, precision,
+                          _fixed_options(model_manifest, fixed) if fixed else {}, ov_cache,
+                          detail=_openvino_detail),
+        "fixed_axes": {"axes": fixed, "skipped_cases": skipped} if fixed else None,
+        "roles": model_manifest.get("roles"),
+    }
 
 
 @contextlib.contextmanager
@@ -401,7 +429,9 @@ def _copy_model(model: ModelDir, staging: Path) -> None:
     """The model and the files it reads (external data), each checked to lie inside the
     model directory, into the same relative places in ``staging``."""
     where = f"model manifest {model.path / MANIFEST_FILE}"
-    for name in (model.manifest.model, *model.manifest.files_sha256):
+    cut = model.manifest.split  # a split model's context and query graphs travel with it
+    split_files = (cut.context_model, cut.query_model) if cut is not None else ()
+    for name in (model.manifest.model, *model.manifest.files_sha256, *split_files):
         source = inside(model.path, name, where=where, field="file", stage="bundle")
         (staging / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, staging / name)
@@ -508,11 +538,12 @@ def _host_targets(bundle_target: Target, manifest, precision: str, host_targets)
             if t.name not in NOT_HOST_BY_DEFAULT and not incompatible(t)]
 
 
-def _host_parity(model: Path, subset: GoldenSet, manifest, policy, precision, target: Target,
-                 host_targets) -> ParityReport:
+def _host_parity(model, subset: GoldenSet, manifest, policy, precision, target: Target,
+                 host_targets, fixed=None) -> ParityReport:
     names = _host_targets(target, manifest, precision, host_targets)
+    options = {n: _fixed_options(manifest, fixed) for n in names} if fixed else None
     report = run_parity(model, subset, names, policy, precision,
-                        attention_form=manifest["attention"])
+                        attention_form=manifest["attention"], options=options)
     if not report.passed:
         failures = "; ".join(r.describe() for r in report.failures()[:6])
         raise UserError(
@@ -635,3 +666,117 @@ def _finish(staging: Path, manifest, final: Path, archive: bool, name: str, key
     else:
         replace_dir(staging, final, _require_replaceable)
     return written, signed_by
+
+
+# --- OpenVINO IR, its compiled-model cache, fixed axes ---------------------------------------
+
+
+def _fixed_options(manifest, fixed: Mapping[str, int]) -> dict[str, Any]:
+    return {"fix_axes": dict(fixed),
+            "input_shapes": {s["name"]: list(s["shape"]) for s in manifest["inputs"]}}
+
+
+def _fixed_cases(manifest, gset: GoldenSet, cases, fix_axes: Mapping[str, int]):
+    """(fixed axes by label, the cases to carry, the cases left out -> why). A golden case
+    whose shape contradicts a fixed axis cannot run on the fixed model: it is left out with
+    the reason (recorded in the bundle); a bundle with no case left proves nothing, and is
+    refused."""
+    if not fix_axes:
+        return {}, cases, {}
+    from qcrun.ir import contradicting_cases, resolve_fix_axes
+
+    shapes = {s["name"]: list(s["shape"]) for s in manifest["inputs"]}
+    fixed = resolve_fix_axes(fix_axes, shapes, manifest.get("roles"), flag="--fix-axis")
+    found = [(c.name, {k: v.shape for k, v in c.inputs.items()}) for c in gset.cases]
+    skipped = contradicting_cases(found, shapes, fixed)
+    names = [c.name for c in gset.cases]
+    wanted = (names if cases is None else names[:cases] if isinstance(cases, int)
+              else list(cases))
+    kept = [n for n in wanted if n not in skipped]
+    if not kept:
+        raise UserError(
+            f"--fix-axis {', '.join(f'{a}={v}' for a, v in fixed.items())}: no golden case is "
+            f"left to verify the bundle ({'; '.join(f'{n}: {w}' for n, w in skipped.items())})",
+            stage="bundle", hint="fix the axes at a size a golden case has, or pass --golden "
+            "with cases of that size")
+    return fixed, kept, {n: w for n, w in skipped.items() if n in wanted}
+
+
+def _carry_ir(model: ModelDir, manifest: dict[str, Any], staging: Path, target: Target):
+    """The model's files in the bundle (``qcrun.ir.ModelFiles``). A target whose engine
+    reads IR gets IR: the model directory's own (checked by its hashes), else converted from
+    the bundled ONNX here; ``manifest`` (the bundle's model manifest) records it."""
+    from qcrun.engines import engine_of
+    from qcrun.ir import IR_XML, ModelFiles
+
+    onnx = staging / MODEL_FILE
+    if "ir" not in engine_of(target).formats:
+        manifest.pop("ir", None)
+        return ModelFiles(onnx, None, "the bundled model")
+    from qcexport.ir import _version, ir_from_onnx
+
+    if model.ir is not None:
+        for name in (model.manifest.ir.xml, model.manifest.ir.bin):
+            shutil.copyfile(model.path / name, staging / name)
+        entry = dump(model.manifest.ir)
+    else:
+        xml, weights = ir_from_onnx(onnx, staging)
+        entry = {"xml": xml.name, "xml_sha256": file_sha256(xml), "bin": weights.name,
+                 "bin_sha256": file_sha256(weights), "source_sha256": file_sha256(onnx),
+                 "openvino": _version("openvino")}
+    for name in (entry["xml"], entry["bin"]):
+        os.chmod(staging / name, 0o644)
+    manifest["ir"] = entry
+    return ModelFiles(onnx, staging / IR_XML, "the bundled model")
+
+
+def openvino_entry(files, target: Target, precision: str, fixed: Mapping[str, Any],
+                   cache: bool) -> dict[str, Any] | None:
+    """bundle.json's ``openvino``: the IR, and with ``cache`` the model compiled here for the
+    target (``ov-cache/``); with the seconds each way of loading took here (ONNX, IR, the
+    cache: one measurement each, a hint; scripts/bench_load.py measures properly)."""
+    if files.ir is None:
+        if cache:
+            raise UserError(f"--ov-cache: {target.name} does not run on OpenVINO, which is "
+                            "the engine whose compiled models the cache holds",
+                            stage="bundle", hint="drop --ov-cache, or bundle for openvino-cpu")
+        return None
+    from qcrun.engines import adapter_for, engine_of
+    from qcrun.ir import IR_BIN
+
+    staging = files.ir.parent
+    options: dict[str, Any] = {"precision": precision, **fixed}  # fixed: _fixed_options
+    entry: dict[str, Any] = {"xml": files.ir.name, "bin": IR_BIN, "host_load_s": {}}
+    for how, path in (("onnx", files.onnx), ("ir", files.ir)):
+        with adapter_for(path, target, **options) as adapter:
+            entry["host_load_s"][how] = round(adapter.load_seconds, 4)
+    entry["openvino"] = _ov_version()
+    if cache:
+        (staging / OV_CACHE).parent.mkdir(parents=True, exist_ok=True)
+        entry["cache"] = OV_CACHE
+        entry["cache_settings"] = engine_of(target).write_compiled_cache(
+            files.ir, target, options, staging / OV_CACHE)
+        os.chmod(staging / OV_CACHE, 0o644)
+        with adapter_for(files.ir, target, **options, compiled_blob=str(staging / OV_CACHE),
+                         compiled_config=entry["cache_settings"]) as adapter:
+            if adapter.cache_state != "used":  # the writer's own settings: a bug if not
+                raise RuntimeError(f"fresh compiled-model cache not used: {adapter.cache_state}")
+            entry["host_load_s"]["cached"] = round(adapter.load_seconds, 4)
+    return entry
+
+
+#: Where a bundle keeps OpenVINO's compiled model (the compiled-model cache).
+OV_CACHE = "ov-cache/model.blob"
+
+
+def _ov_version() -> str | None:
+    from qcexport.ir import _version
+
+    return _version("openvino")
+
+
+def _openvino_detail(entry) -> str:
+    if entry is None:
+        return "no IR (the target reads ONNX)"
+    times = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in entry["host_load_s"].items())
+    return f"IR{' + compiled-model cache' if entry.get('cache') else ''}; load here: {times}"

@@ -13,15 +13,19 @@ from qcrun.clikit import UserErrorGroup
 
 from qcexport.commands.bundle import bundle
 from qcexport.commands.convert import convert
+from qcexport.commands.diff import diff
 from qcexport.commands.golden import golden
 from qcexport.commands.inspect import inspect
+from qcexport.commands.ir import ir
 from qcexport.commands.keygen import keygen
 from qcexport.commands.list import list_command
+from qcexport.commands.matrix import matrix
 from qcexport.commands.parity import parity
 from qcexport.commands.profile import profile
 from qcexport.commands.quantize import quantize
 
-COMMANDS = (list_command, convert, quantize, golden, parity, inspect, profile, bundle, keygen)
+COMMANDS = (list_command, convert, quantize, ir, golden, parity, inspect, profile, bundle,
+            keygen, matrix, diff)
 
 
 @click.group(cls=UserErrorGroup)

@@ -137,12 +137,15 @@ def make_cases(name: str, preset: str, module: torch.nn.Module):
 
 
 def write_golden(
-    name: str, preset: str = "tiny", *, root: str | Path | None = None, update: bool = False
+    name: str, preset: str = "tiny", *, root: str | Path | None = None, update: bool = False,
+    with_intermediates: bool = False,
 ) -> GoldenResult:
     """Create or refresh ``golden/<name>/<preset>``.
 
     An existing set is compared output by output: values within REGENERATION_ATOL are kept
-    as stored (rounding), anything else is a change that needs ``update``.
+    as stored (rounding), anything else is a change that needs ``update``. With
+    ``with_intermediates`` every module's output of every case is stored too (the reference
+    of ``qcrun verify --localize``); a set that has them keeps them when refreshed.
     """
     spec = mechanisms.get(name)
     config = spec.config(preset)
@@ -164,7 +167,10 @@ def write_golden(
     changes = _diff(existing, cases) if existing is not None else []
     real = [c for c in changes if c.what != "rounding"]
     result = GoldenResult(directory, [c.name for c, _, _ in cases], False, changes)
-    if existing is not None and not real:
+    with_intermediates = with_intermediates or bool(
+        existing is not None and existing.manifest.intermediates)
+    adding = with_intermediates and existing is not None and not existing.manifest.intermediates
+    if existing is not None and not real and not adding:
         return result  # nothing to write: the stored set still holds
     if existing is not None and not update:
         raise UserError(
@@ -176,7 +182,7 @@ def write_golden(
         )
     _write(directory, {"mechanism": spec.name, "preset": preset,
                        "config": dataclasses.asdict(config), "seed": GOLDEN_SEED},
-           module, cases, existing)
+           module, cases, existing, with_intermediates=with_intermediates)
     result.written = True
     return result
 
@@ -211,7 +217,7 @@ def _diff(existing: GoldenSet, cases) -> list[Change]:
 
 
 def _write(directory: Path, header: dict[str, Any], module, cases,
-           existing: GoldenSet | None) -> None:
+           existing: GoldenSet | None, *, with_intermediates: bool = False) -> None:
     """Write a golden set: ``header`` (mechanism, preset, config or source, seed...) plus the
     weights, one npz per case and the hashes. Every file is serialised before the first one is
     written; a new set is built in a hidden sibling directory and renamed into place, and in an
@@ -242,6 +248,8 @@ def _write(directory: Path, header: dict[str, Any], module, cases,
         "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(weights).hexdigest()},
         "cases": entries,
     }
+    if with_intermediates:
+        manifest["intermediates"] = _intermediates(module, cases, files)
     # Only files the previous manifest listed are removed: never a file the tool did not write.
     stale = ({e.file for e in existing.manifest.cases} - set(files)) if existing else set()
     target = directory if existing is not None else Path(tempfile.mkdtemp(
@@ -258,6 +266,24 @@ def _write(directory: Path, header: dict[str, Any], module, cases,
         raise
     for name in stale:
         (directory / name).unlink(missing_ok=True)
+
+
+def _intermediates(module, cases, files: dict[str, bytes]) -> list[dict[str, Any]]:
+    """Every module's output of each case (forward hooks, execution order), one npz per case
+    added to ``files``; their manifest entries. Cases are done one at a time."""
+    from qcexport.hooks import EagerReference
+
+    entries = []
+    for case, inputs, _ in cases:
+        reference = EagerReference(module, {case.name: inputs})
+        order = reference.order(case.name)
+        arrays = reference.values(case.name, order)
+        file = f"{case.name}.modules.npz"
+        files[file] = npz_bytes(arrays)
+        entries.append({"case": case.name, "file": file,
+                        "sha256": hashlib.sha256(files[file]).hexdigest(),
+                        "modules": order, "arrays": _describe(arrays)})
+    return entries
 
 
 def _parent(directory: Path) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from qcrun.context import split_parity
 from qcrun.engines import availability
 from qcrun.errors import UserError
 from qcrun.files import read_model_dir
@@ -70,9 +71,13 @@ def parity_for_model_dir(
     model.check_weights(gset)
     policy = policy_for(model.precision, policy_file=policy_file)
     precision = model.precision
-    report = run_parity(model.model, gset, targets, policy, precision,
+    report = run_parity(model.model_files(), gset, targets, policy, precision,
                         require=required_targets(targets, optional, require), optional=optional,
                         attention_form=manifest.attention)
+    if manifest.split is not None:  # the context and query graphs, where the single one ran
+        ran = [t for t in report.targets if any(r.target == t and r.verdict != "skip"
+                                                for r in report.records)]
+        report.records += split_parity(model, gset, ran, policy, precision)
     kernel = None
     if precision != "fp32":
         kernel = kernel_parity(model.model, gset, targets, precision,

@@ -46,9 +46,15 @@ from qcrun.targets import get_target, target_names
               "writes bundle.sig; a device checks it with `qcrun verify --trust KEY.pub`.")
 @policy_option("Tolerance policy file for the host parity run, recorded in the bundle "
                "[default: qcrun's built-in policy for the precision].")
+@click.option("--fix-axis", "fix_axes", multiple=True, metavar="AXIS=SIZE",
+              help="Fix a symbolic axis (by role or label) at load time, e.g. tokens=257 "
+              "(repeatable): golden cases of other sizes are left out, with the reason.")
+@click.option("--ov-cache", is_flag=True,
+              help="OpenVINO targets: also carry the model compiled here (faster first load; "
+              "a cache that does not match only costs load time).")
 @json_flag_option("Print the bundle manifest as JSON only.")
 def bundle(model_dir: Path, target, precision, output, archive, golden_path, cases, shape_ranges,
-           host_targets, sign_key, policy_file, as_json):
+           host_targets, sign_key, policy_file, fix_axes, ov_cache, as_json):
     """Bundle MODEL_DIR for --target: model, golden subset, tolerances, specs, provenance.
 
     The model is exported again when the target needs another attention form or opset
@@ -72,7 +78,8 @@ def bundle(model_dir: Path, target, precision, output, archive, golden_path, cas
         click.echo(f"== bundle {model_dir} for {target}")
     result = make_bundle(model_dir, target, precision, output, archive, golden=golden_path,
                          cases=chosen, profile_shapes=ranges, host_targets=hosts,
-                         on_stage=progress, sign=sign_key, policy_file=policy_file)
+                         on_stage=progress, sign=sign_key, policy_file=policy_file,
+                         fix_axes=_parse_fix_axes(fix_axes), ov_cache=ov_cache)
     if as_json:
         click.echo(json.dumps(result.manifest, indent=2))
         return
@@ -90,6 +97,10 @@ def bundle(model_dir: Path, target, precision, output, archive, golden_path, cas
             f"{a}={'/'.join(map(str, r))}" for a, r in m["profile_shapes"].items()))
     click.echo(f"  golden    {len(m['provenance']['golden']['cases'])} cases: "
                f"{', '.join(m['provenance']['golden']['cases'])}")
+    if m.get("fixed_axes"):
+        click.echo("  fixed     " + ", ".join(f"{a}={v}" for a, v in m["fixed_axes"]["axes"].items()))
+        for case, why in m["fixed_axes"]["skipped_cases"].items():
+            click.echo(f"  left out  {case}: {why}")
     click.echo(f"  manifest  sha256 {m['manifest_sha256']}  (pin it: --expect-sha256)")
     if result.signed_by:
         click.echo(f"  signed    by key {signing.short_id(result.signed_by)} (bundle.sig)")
@@ -98,6 +109,17 @@ def bundle(model_dir: Path, target, precision, output, archive, golden_path, cas
     else:
         click.echo("  signed    no (pass --sign KEY to let a device authenticate it)")
         click.echo(f"\non the device:  qcrun verify {result.path}")
+
+
+def _parse_fix_axes(items) -> dict[str, int]:
+    fixed = {}
+    for item in items:
+        axis, _, size = item.partition("=")
+        if not axis.strip() or not size.strip().isdigit():
+            raise UserError(f"--fix-axis {item!r} is not AXIS=SIZE", stage="bundle",
+                            hint="e.g. --fix-axis tokens=257")
+        fixed[axis.strip()] = int(size)
+    return fixed
 
 
 def _parse_cases(text: str | None):

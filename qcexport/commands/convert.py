@@ -14,6 +14,7 @@ from qcrun.clikit import json_flag_option
 from qcrun.errors import UserError
 from qcrun.targets import target_names
 
+from qcexport.commands.ir import check_ir_flag, ir_flag, write_ir_reported
 from qcexport.commands.quantize import report_quantized
 from qcexport.commands.sources import load_factory, load_hf, output_names
 
@@ -51,11 +52,23 @@ ATTENTION_CHOICES = ("auto", "onnx", "ort", "decomposed")
               "directory or hub id.")
 @click.option("--component", default=None,
               help="With --hf: the component to take (qcexport list --hf).")
+@click.option("--split", "split", type=click.Choice(["context"]), default=None,
+              help="Also write context.onnx (the image side, run once per image) and query.onnx "
+              "(run per query), verified against the model and eager.")
+@click.option("--context-inputs", "context_inputs", default=None, metavar="A,B",
+              help="With --split: the image-side inputs (default: the mechanism's or "
+              "component's; needed for --module).")
+@ir_flag()
 def convert(name, all_, factory, preset, target, attention, opset, precision, output, as_json,
-            with_maps, map_heads, outputs, hf_path, component):
+            with_maps, map_heads, outputs, hf_path, component, split, context_inputs, with_ir):
     """Export NAME (or --all, --module, --hf) to ONNX, lowered, simplified, checked, verified."""
     _check_arguments(name, all_, factory, hf_path, component, target, attention, precision,
                      with_maps, outputs)
+    if context_inputs and not split:
+        raise UserError("--context-inputs goes with --split context",
+                        hint="add --split context, or drop --context-inputs")
+    if with_ir:
+        check_ir_flag(precision)
     progress = None if as_json else _progress
     failures: list[str] = []
     if factory or hf_path:
@@ -65,6 +78,14 @@ def convert(name, all_, factory, preset, target, attention, opset, precision, ou
         results, failures = _convert_mechanisms(name, all_, preset, target, attention, opset,
                                                 precision, output, as_json, with_maps,
                                                 map_heads, progress)
+    if split:
+        for summary in results:
+            summary["split"] = _split(summary["path"], context_inputs, target, as_json)
+    if with_ir:  # the final model: the reduced one when --precision made one
+        for summary in results:
+            final = Path(summary.get("precision", summary)["path"])
+            summary["ir"] = write_ir_reported(final if final.is_dir() else final.parent,
+                                              as_json)
     if as_json:
         click.echo(json.dumps(results if all_ else results[0] if results else {}, indent=2))
     if failures:
@@ -166,6 +187,26 @@ def _convert_mechanisms(name, all_, preset, target, attention, opset, precision,
             continue
         results.append(summary)
     return results, failures
+
+
+def _split(path: str, context_inputs: str | None, target: str, as_json: bool) -> dict[str, Any]:
+    """``--split context`` on a converted model directory: the cut, verified, in its manifest."""
+    from qcexport.split.model_dir import split_model_dir
+
+    names = [n.strip() for n in context_inputs.split(",") if n.strip()] if context_inputs \
+        else None
+    model_dir = Path(path).parent if path.endswith(".onnx") else Path(path)
+    result = split_model_dir(model_dir, names, target=target)
+    boundary = [f"{b.name}{b.shape}" for b in result.cut.boundary]
+    if not as_json:
+        click.echo(f"  split     context.onnx ({result.context_nodes} nodes, inputs "
+                   f"{', '.join(result.cut.context_inputs)}) -> {', '.join(boundary)} -> "
+                   f"query.onnx ({result.query_nodes} nodes)")
+        click.echo(f"  verify    pair: {len(result.checks)} checks passed (against the single "
+                   "graph, and eager on the golden cases)")
+    return {"context_inputs": result.cut.context_inputs, "boundary": boundary,
+            "context_nodes": result.context_nodes, "query_nodes": result.query_nodes,
+            "checks": len(result.checks), "passed": result.passed}
 
 
 def _header(text: str, as_json: bool) -> None:

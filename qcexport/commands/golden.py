@@ -29,7 +29,11 @@ from qcexport.commands.sources import load_factory, load_hf, output_names
               help="With --module or --hf: the outputs to keep, as given to convert.")
 @click.option("--seed", default=0, show_default=True,
               help="With --module or --hf: offset of the seeds the cases are drawn with.")
-def golden(name, all_, preset, update, root, factory, hf_path, component, output, outputs, seed):
+@click.option("--with-intermediates", is_flag=True,
+              help="Also store every PyTorch module's output of each case (hashed like the "
+              "rest): `qcrun verify --localize` localises against them without torch.")
+def golden(name, all_, preset, update, root, factory, hf_path, component, output, outputs, seed,
+           with_intermediates):
     """Write or refresh the golden set of NAME (or --module, or --hf) from PyTorch eager."""
     from qcexport import mechanisms
     from qcexport.golden import golden_dir, write_golden
@@ -38,6 +42,9 @@ def golden(name, all_, preset, update, root, factory, hf_path, component, output
         if name or all_:
             raise UserError("give NAME, --all, --module or --hf, not several",
                             hint="e.g. `qcexport golden --hf DIR --component qformer -o OUT`")
+        if with_intermediates:
+            raise UserError("--with-intermediates is for a mechanism's golden set",
+                            hint="e.g. `qcexport golden qformer --with-intermediates`")
         _user_golden(factory, hf_path, component, output, outputs, seed, update)
         return
     if output or outputs:
@@ -47,7 +54,8 @@ def golden(name, all_, preset, update, root, factory, hf_path, component, output
         raise UserError("give NAME or --all", hint=f"mechanisms: {', '.join(mechanisms.names())}")
     for mech in mechanisms.names() if all_ else [name]:
         try:
-            result = write_golden(mech, preset, root=root, update=update)
+            result = write_golden(mech, preset, root=root, update=update,
+                                  with_intermediates=with_intermediates)
         except OSError as exc:
             where = golden_dir(mech, preset, root)
             raise UserError(

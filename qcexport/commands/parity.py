@@ -37,11 +37,17 @@ DEFAULT_PARITY_TARGETS = ("ort-cpu", "openvino-cpu", "onnx-reference")
 @policy_option()
 @json_file_option()
 @junit_option()
+@click.option("--localize", is_flag=True,
+              help="Also compare every PyTorch module's output on each target (a model "
+                   "directory only): the first module that breaks the policy, per target.")
+@click.option("--localize-report", "localize_reports", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="With --localize: write its report (.json, .md or .html; repeatable).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("out/parity"), show_default=True,
               help="Where models exported for a mechanism NAME go.")
 def parity(model, target_names, preset, golden_path, optional, require, policy_file, json_path,
-           junit_path, work_dir):
+           junit_path, localize, localize_reports, work_dir):
     """Replay golden cases on every target; exit 1 on any mismatch.
 
     MODEL is an exported model directory or a mechanism name (exported here with the golden
@@ -67,6 +73,8 @@ def parity(model, target_names, preset, golden_path, optional, require, policy_f
                                    golden=golden_path, require=require, optional=optional,
                                    policy_file=policy_file)
     _print_run(run)
+    if localize:
+        _localize(Path(model), names, golden_path, policy_file, localize_reports)
     if json_path:
         _write(json_path, run.report.to_json())
         if run.kernel is not None:
@@ -75,6 +83,22 @@ def parity(model, target_names, preset, golden_path, optional, require, policy_f
         _write(junit_path, run.report.to_junit_xml())
     if not run.passed:
         raise _failure(run)
+
+
+def _localize(model: Path, targets, golden_path, policy_file, reports) -> None:
+    """Where each target diverges (``qcexport diff --against eager``); parity's verdict
+    stays the exit status."""
+    from qcexport.commands.diff import echo_localization
+    from qcexport.localize.run import localize_model_dir, write_report
+
+    if not model.is_dir():
+        raise UserError("--localize needs an exported model directory", stage="localize",
+                        hint=f"convert first: `qcexport convert {model} -o DIR`")
+    click.echo("\nlocalisation (module outputs against PyTorch eager):")
+    report = localize_model_dir(model, targets, golden=golden_path, policy_file=policy_file)
+    echo_localization(report)
+    for path in reports:
+        write_report(report, path)
 
 
 def _print_run(run) -> None:

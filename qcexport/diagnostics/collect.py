@@ -105,13 +105,13 @@ def inspect_source(
 
 def _inspect_model_dir(path: Path, *, target, cases, picture, image, features, texts, grid,
                        sample, threshold) -> Inspection:
-    from qcrun.engines import open_adapter
+    from qcrun.engines import model_file, open_adapter
 
     from qcexport import mechanisms
 
     model = _read_manifest(path)
     manifest, name = model.manifest, model.manifest.mechanism
-    with open_adapter(model.model, target) as session:
+    with open_adapter(model_file(model.model_files(), target), target) as session:
         descriptor = require_maps(manifest, [o.name for o in session.outputs], str(path))
         if name not in mechanisms.names():
             raise UserError(f"{path} holds mechanism {name!r}, which is not built in",

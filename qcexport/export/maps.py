@@ -230,12 +230,16 @@ def with_attention_maps(
     base = type(module)
     if isinstance(module, AttentionMaps):
         raise RuntimeError("the module already returns attention maps")
-    names = list(inspect.signature(module.forward).parameters)
-    args = ", ".join(names)
+    params = inspect.signature(module.forward).parameters
+    names = list(params)
+    # An optional input (e.g. perceiver-io's run-time queries) keeps its default.
+    namespace: dict[str, Any] = {f"_default_{n}": p.default for n, p in params.items()
+                                 if p.default is not inspect.Parameter.empty}
+    args = ", ".join(n + (f"=_default_{n}" if f"_default_{n}" in namespace else "")
+                     for n in names)
     call = ", ".join(f"{n}={n}" for n in names)
     # The exporter binds example inputs by the forward's parameter names: generate a forward
     # with exactly the module's names (a **kwargs forward cannot be bound).
-    namespace: dict[str, Any] = {}
     exec(f"def forward(self, {args}):\n    return self._forward_with_maps(dict({call}))\n",
          namespace)
     cls = type(f"{base.__name__}WithAttentionMaps", (AttentionMaps, base),

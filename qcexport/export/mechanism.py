@@ -79,6 +79,10 @@ def export_spec_module(spec: MechanismSpec, config: Any, module: nn.Module, *,
         ("export_shape", spec.inputs(config, spec.export_case, seed=1)),
         (spec.verify_case.name + "_shape", spec.inputs(config, spec.verify_case, seed=2)),
     ]
+    defaults = {} if maps_heads is not None else optional_defaults(spec, module)
+    if defaults:
+        example, verify, dynamic_axes = _with_optional(spec, defaults, example, verify,
+                                                       dynamic_axes)
     owned = Owned(module)
     del module  # convert owns it: its weights are freed once exported (peak memory)
     return convert(
@@ -91,8 +95,33 @@ def export_spec_module(spec: MechanismSpec, config: Any, module: nn.Module, *,
                   "roles": {r: a for r, a in dataclasses.asdict(spec.roles).items() if a},
                   **extra_meta},
         input_ranges=spec.input_ranges(config) if spec.input_ranges else None,
+        input_defaults=defaults,
         **options,
     )
+
+
+def optional_defaults(spec: MechanismSpec, module: nn.Module) -> dict[str, np.ndarray]:
+    """{optional input: its default}, the module's parameters the spec names."""
+    return {name: module.get_parameter(path).detach().numpy().copy()
+            for name, path in spec.optional_inputs.items()}
+
+
+def _with_optional(spec: MechanismSpec, defaults, example, verify, dynamic_axes):
+    """The export example and verification cases with the optional inputs given: the default
+    at the export shape, and other values of another size in the second case (so the axes
+    stay dynamic and a graph that ignored the input would fail verification)."""
+    def values(default: np.ndarray, seed: int) -> torch.Tensor:
+        rows = default.shape[0] + 3 * seed
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn((rows, *default.shape[1:]), generator=g) * float(default.std() + 1)
+
+    example = {**example, **{k: torch.from_numpy(v) for k, v in defaults.items()}}
+    verify = [(case, {**feed, **{k: values(v, i) for k, v in defaults.items()}})
+              for i, (case, feed) in enumerate(verify)]
+    axes = {k: dict(v) for k, v in dynamic_axes.items()}
+    for name, extra in spec.optional_axes.items():
+        axes[name] = {**axes.get(name, {}), **extra}
+    return example, verify, axes
 
 
 def load_weights(module: nn.Module, golden: GoldenSet) -> nn.Module:

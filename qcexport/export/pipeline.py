@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 import torch
 from qcrun.engines import open_adapter
@@ -280,6 +281,21 @@ def check(model: onnx.ModelProto, input_axes: AxisMap, meta: Mapping[str, str],
     return model
 
 
+def attach_defaults(model: onnx.ModelProto, defaults: Mapping[str, Any]) -> onnx.ModelProto:
+    """Give each input named in ``defaults`` an initializer of its name holding its default:
+    in ONNX (IR >= 4) such an input is optional, and a run that does not feed it reads the
+    initializer. Attached after simplifying (which would fold the default into the graph) and
+    verifying (which feeds them)."""
+    inputs = {i.name for i in model.graph.input}
+    unknown = sorted(set(defaults) - inputs)
+    if unknown:
+        raise UserError(f"optional inputs {unknown} are not inputs of the exported graph",
+                        stage="export", hint="the module must take them as forward arguments")
+    for name, value in defaults.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+    return model
+
+
 def verify(model: onnx.ModelProto, base_dir: Path, references: Mapping[str, list[torch.Tensor]],
            cases, output_names: Sequence[str]) -> list[Record]:
     """Run the staged model in onnxruntime (through qcrun) on every case and compare it with
@@ -373,7 +389,10 @@ def _manifest(captured: Captured, model: onnx.ModelProto, *, target: str, form: 
         "opset": opset,
         "model": MODEL_FILE,
         "weights_sha256": captured.weights_sha256,
-        "inputs": _io_spec(model.graph.input, _input_ranges(model, input_ranges)),
+        # an input with an initializer of its name is optional: not one a caller must feed
+        "inputs": _io_spec([i for i in model.graph.input
+                            if i.name not in {t.name for t in model.graph.initializer}],
+                           _input_ranges(model, input_ranges)),
         "outputs": _io_spec(model.graph.output),
         "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in dynamic_axes.items()},
         "output_structure": {**captured.plan.structure(),
@@ -435,10 +454,12 @@ def run_passes(module: nn.Module | Owned, example_inputs, dynamic_axes=None, *,
                base_dir: Path, form: str, opset: int, target: str = VERIFY_TARGET,
                stages: StageRunner | None = None, metadata: Mapping[str, Any] | None = None,
                input_ranges: Mapping[str, tuple[int, int]] | None = None,
+               input_defaults: Mapping[str, Any] | None = None,
                **capture_options) -> Converted:
     """The driver: capture -> simplify -> lower -> check -> verify, the model staged in
     ``base_dir``. ``capture_options`` are :func:`capture`'s (output_names, constants,
-    verify_inputs). A model that fails verification is a UserError."""
+    verify_inputs). ``input_defaults`` makes those inputs optional (:func:`attach_defaults`).
+    A model that fails verification is a UserError."""
     stages = stages or StageRunner()
     dynamic_axes = dict(dynamic_axes or {})
     captured = capture(module, example_inputs, dynamic_axes, form=form, base_dir=base_dir,
@@ -463,9 +484,13 @@ def run_passes(module: nn.Module | Owned, example_inputs, dynamic_axes=None, *,
                      captured.output_names)
     checks = [export_check(r) for r in records]
     _refuse_failures(checks)
+    # verified with the optional inputs fed (qcrun feeds a model's required inputs only);
+    # the default path is what the golden cases check
+    model = attach_defaults(model, input_defaults or {})
     fused = {"form": form, "expected": expected, "found": found, "sdpa_calls": calls}
     manifest = _manifest(captured, model, target=target, form=form, opset=opset,
-                         dynamic_axes=dynamic_axes, metadata=metadata,
+                         dynamic_axes={k: v for k, v in dynamic_axes.items()
+                                       if k not in (input_defaults or {})}, metadata=metadata,
                          input_ranges=input_ranges, fused=fused, checks=checks,
                          timings=stages.timings, warnings=warnings)
     return Converted(model, manifest, form, opset, expected, found, records, checks, warnings)
@@ -498,6 +523,7 @@ def convert(
     metadata: Mapping[str, Any] | None = None,
     constants: Mapping[str, Any] | None = None,
     input_ranges: Mapping[str, tuple[int, int]] | None = None,
+    input_defaults: Mapping[str, Any] | None = None,
 ) -> ConvertResult:
     """Export ``module(**example_inputs)`` to ``output_dir/model.onnx`` and verify it.
 
@@ -508,8 +534,9 @@ def convert(
     (``qcexport.export.outputs``) and ``output_names`` keeps a subset of them.
     ``verify_inputs`` are (case name, inputs) pairs to compare on; by default two fresh
     random sets are made from the example inputs, one at the export shape and one with every
-    dynamic axis resized. A directory created for a conversion that fails is removed again:
-    a failed convert leaves nothing behind.
+    dynamic axis resized. ``input_defaults`` ({input name: array}) makes those inputs
+    optional (:func:`attach_defaults`). A directory created for a conversion that fails is
+    removed again: a failed convert leaves nothing behind.
     """
     out = Path(output_dir)
     created = not out.exists()
@@ -523,8 +550,8 @@ def convert(
             converted = run_passes(
                 module, example_inputs, dynamic_axes, base_dir=Path(tmp), form=form,
                 opset=opset, target=target, stages=stages, metadata=metadata,
-                input_ranges=input_ranges, output_names=output_names, constants=constants,
-                verify_inputs=verify_inputs)
+                input_ranges=input_ranges, input_defaults=input_defaults,
+                output_names=output_names, constants=constants, verify_inputs=verify_inputs)
             path = stages("save", _save, converted, out_dir, Path(tmp), detail=str)
     except BaseException:
         if created and out.is_dir():

@@ -156,6 +156,8 @@ class ComponentSpec:
     verify_case: Case = field(default_factory=lambda: Case("verify", {"batch": 3, "tokens": 9}))
     # which symbolic axis is the batch and which the visual token count (profile --batch/--tokens)
     roles: AxisRoles = field(default_factory=AxisRoles)
+    # The image-side inputs `convert --split context` computes once (see MechanismSpec).
+    context_inputs: tuple[str, ...] = ()
 
     def axis_roles(self) -> dict[str, str]:
         """{role: axis name} for the roles whose axis this component's inputs have."""
@@ -272,6 +274,7 @@ register(ComponentSpec(
     take=_qformer_take(text=True),
     make_inputs=_instructblip_inputs,
     input_names=("image_features", "instruction_ids", "instruction_mask"),
+    context_inputs=("image_features",),
     dynamic_axes={"image_features": _FEATURE_AXES,
                   "instruction_ids": {0: "batch", 1: "text"},
                   "instruction_mask": {0: "batch", 1: "text"}},
@@ -307,6 +310,7 @@ register(ComponentSpec(
         find(model, ("model.gated_cross_attn_layers", "gated_cross_attn_layers"))[0]),
     make_inputs=_idefics_xattn_inputs,
     input_names=("hidden_states", "image_hidden_states", "image_attention_mask"),
+    context_inputs=("image_hidden_states",),
     dynamic_axes={"hidden_states": {0: "batch", 1: "text"},
                   "image_hidden_states": {0: "batch", 1: "image_tokens"},
                   "image_attention_mask": {0: "batch", 1: "text", 2: "image_tokens"}},

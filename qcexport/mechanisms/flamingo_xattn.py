@@ -159,6 +159,7 @@ register(
         builder=FlamingoCrossAttention,
         make_inputs=make_inputs,
         input_names=("text_hidden", "media_features", "media_ids"),
+        context_inputs=("media_features",),
         output_names=("text_hidden_out",),
         dynamic_axes={
             "text_hidden": {0: "batch", 1: "text"},

@@ -103,6 +103,7 @@ register(
         builder=MatryoshkaQueryTransformer,
         make_inputs=make_inputs,
         input_names=("image_features", "num_queries"),
+        context_inputs=("image_features",),
         output_names=("query_outputs",),
         dynamic_axes={
             "image_features": {0: "batch", 1: "tokens"},

@@ -6,6 +6,13 @@ A learned latent array cross-attends to the visual tokens (cost O(L x N), any N)
 latent self-attention blocks refine it. No positional encoding is added here: the visual
 features already carry position (they come from a ViT), so the module is invariant to a
 permutation of the tokens. Perceiver IO adds output queries that cross-attend to the latents.
+
+As in the Perceiver IO paper's decoders, the output queries are an input the caller may give
+(``queries``, [O, Do], shared by the batch, any O): a task or position asks the same latents a
+new question. Left out, the learned queries are used, so every export of the module without it
+computes what it always did. A split model (``convert --split context``) computes the latents
+and the decoder's keys and values once per image and answers each new set of queries with the
+decoder alone.
 """
 
 from __future__ import annotations
@@ -75,7 +82,8 @@ class Perceiver(nn.Module):
             self.output_queries = nn.Parameter(torch.randn(c.num_outputs, c.output_dim) * 0.02)
             self.decode = CrossAttentionBlock(c.output_dim, c.dim, c.cross_heads, c.ff_mult)
 
-    def forward(self, image_features: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_features: torch.Tensor, image_mask: torch.Tensor,
+                queries: torch.Tensor | None = None) -> torch.Tensor:
         batch = image_features.shape[0]
         x = self.latents.expand(batch, -1, -1)  # [B, L, D]
         mask = key_padding_mask(image_mask, x.shape[1])  # [B, 1, L, N]
@@ -85,7 +93,9 @@ class Perceiver(nn.Module):
         x = self.norm(x)
         if not self.config.num_outputs:
             return x
-        queries = self.output_queries.expand(batch, -1, -1)  # [B, O, Do]
+        if queries is None:
+            queries = self.output_queries
+        queries = queries.expand(batch, -1, -1)  # [O, Do] -> [B, O, Do]
         return self.decode(queries, x)
 
 
@@ -112,8 +122,10 @@ def map_sites(module: Perceiver) -> list[MapSite]:
         sites.append(MapSite("decode.attn", 1, "output queries -> latents", keys="latents"))
     return sites
 
-def _spec(name: str, summary: str, source: str, presets, output: str) -> MechanismSpec:
-    """Perceiver and Perceiver IO: one module, inputs and cases; the output differs."""
+def _spec(name: str, summary: str, source: str, presets, output: str,
+          **decoder) -> MechanismSpec:
+    """Perceiver and Perceiver IO: one module, inputs and cases; the output differs, and
+    Perceiver IO's ``decoder`` fields (its optional output queries) are added."""
     return MechanismSpec(
         name=name,
         summary=summary,
@@ -129,6 +141,7 @@ def _spec(name: str, summary: str, source: str, presets, output: str) -> Mechani
         export_case=Case("export", {"batch": 2, "tokens": 37}),
         verify_case=Case("verify", {"batch": 3, "tokens": 101, "pad": True}),
         maps=MapPlan(map_sites, "image_features", 1, "latents", output),
+        **decoder,
     )
 
 
@@ -160,4 +173,9 @@ register(_spec(
                  "heads": 8, "self_layers": 6, "num_outputs": 64, "output_dim": 1024},
     },
     "outputs",
+    # the image side is all of the encoder: the latents (and the decoder's keys and values of
+    # them) are the context; new output queries are answered by the decoder alone
+    context_inputs=("image_features", "image_mask"),
+    optional_inputs={"queries": "output_queries"},
+    optional_axes={"queries": {0: "queries"}, "outputs": {1: "queries"}},
 ))

@@ -159,6 +159,7 @@ register(
         builder=QFormer,
         make_inputs=make_inputs,
         input_names=("image_features", "text_ids", "text_mask"),
+        context_inputs=("image_features",),
         output_names=("query_outputs",),
         dynamic_axes={
             "image_features": {0: "batch", 1: "tokens"},

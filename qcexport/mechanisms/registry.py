@@ -93,6 +93,18 @@ class MechanismSpec:
     # prompt, a task query) for `inspect --text`, built deterministically from the words, for
     # the batch-1 ``feed`` they replace inputs of (None: the mechanism takes no text).
     text_inputs: Callable[[Any, str, Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+    # The inputs that stay the same while the queries change (the image side): what
+    # `convert --split context` computes once into a context (empty: every input is the image,
+    # so there is nothing to split).
+    context_inputs: tuple[str, ...] = ()
+    # Inputs a caller may leave out, each defaulting to a parameter of the module (Perceiver
+    # IO's output queries): {input name: parameter path}. They are not in ``input_names`` (the
+    # example inputs and golden cases do without them); convert exports them as ONNX inputs
+    # with an initializer of the same name holding the default, so a graph fed without them
+    # computes what the module does. ``optional_axes`` are their dynamic axes and those they
+    # add to outputs.
+    optional_inputs: Mapping[str, str] = field(default_factory=dict)
+    optional_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
 
     def config(self, preset: str = "tiny", **overrides) -> Any:
         if preset not in self.presets:

@@ -232,6 +232,7 @@ register(
         builder=TaskRouter,
         make_inputs=make_inputs,
         input_names=("image_features", "image_mask", "task_embedding"),
+        context_inputs=("image_features", "image_mask"),
         output_names=("query_outputs", "routing_weights"),
         dynamic_axes={
             "image_features": {0: "batch", 1: "tokens"},
@@ -253,7 +254,10 @@ register(
         # int8-static: hard routing as a masked select, not If. ORT's static quantizer does not
         # enter If branches (their MatMuls would stay fp32), and OpenVINO 2026.4 returns NaN on
         # the first inference of the QDQ model with If for some branch choices. Same outputs.
-        precision_overrides={"int8-static": {"routing": "select"}},
+        # int8-nncf: NNCF 3.4 cannot build its graph of a model with If (a body op it
+        # cannot find), so the same masked select.
+        precision_overrides={"int8-static": {"routing": "select"},
+                             "int8-nncf": {"routing": "select"}},
         maps=MapPlan(map_sites, "image_features", 1, "queries", "query_outputs",
                      describe=describe_maps),
         inspect_all_cases=True,  # the cases differ by task: compare them all

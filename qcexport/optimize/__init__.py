@@ -25,12 +25,16 @@ from qcrun.errors import UserError, unknown_choice
 from qcrun.files import read_model_dir
 from qcrun.golden import file_sha256
 from qcrun.inputs import make_inputs
+from qcrun.parity import TolerancePolicy, policy_for
 from qcrun.schema import dump
 from qcrun.targets import get_target
 
 from qcexport import mechanisms
 from qcexport.export.pipeline import MANIFEST_FILE, MODEL_FILE, ConvertResult
 from qcexport.export.save import prepare_output_dir, save_model_and_manifest
+from qcexport.optimize.auto_exclude import DEFAULT_BUDGET
+from qcexport.optimize.auto_exclude import auto_exclude as auto_exclude_search
+from qcexport.optimize.auto_exclude import check_options as check_auto_exclude
 from qcexport.optimize.precision import (
     CALIBRATION_METHODS,
     PRECISIONS,
@@ -39,8 +43,10 @@ from qcexport.optimize.precision import (
     accuracy_loss,
     calibration_from_npz,
     feeds_sha256,
+    measure_target,
     quantize_file,
 )
+from qcexport.split.model_dir import resplit, split_of
 from qcexport.stages import StageCallback, StageRunner
 
 __all__ = ["CALIBRATION_METHODS", "PRECISIONS", "QuantizeResult", "at_precision",
@@ -80,10 +86,12 @@ def check_target_precision(target: str, precision: str) -> None:
         raise unknown_choice("precision", precision, PRECISIONS, flag="--precision")
     profile = get_target(target)
     if precision not in profile.precisions:
+        # the target's own reason where it gives one (bf16, IR), after "it runs ...: "
+        said = (profile.incompatibility(precision=precision) or "").partition("): ")[2]
         why = {
             "int8-dynamic": "it has no MatMulInteger/DynamicQuantizeLinear kernels (dynamic "
                             "quantization is a CPU technique)",
-        }.get(precision, "its engine has no kernels for it")
+        }.get(precision) or said or "its engine has no kernels for it"
         raise UserError(
             f"target {target} does not run {precision} models: {why}",
             stage="quantize",
@@ -112,10 +120,25 @@ def quantize_model_dir(model_dir: str | Path, precision: str, output_dir: str | 
                        **options) -> QuantizeResult:
     """Quantize ``model_dir`` into ``output_dir`` (see ``_quantize_model_dir``). An output
     directory created for a quantization that fails is removed again if it is still empty."""
+    if options.get("auto_exclude"):  # before any work: int8-nncf has its own search
+        check_auto_exclude(precision, options.get("exclusion_budget", DEFAULT_BUDGET))
     out = Path(output_dir)
     created = not out.exists()
+    quantize = _quantize_model_dir
+    if precision == "int8-nncf":  # NNCF's own path: OpenVINO IR, optional accuracy control
+        from qcexport.optimize.nncf import import_nncf, quantize_nncf_dir
+
+        import_nncf()  # before reading anything: the install command comes first
+
+        def quantize(model_dir, _precision, output_dir, **options):
+            return quantize_nncf_dir(model_dir, output_dir, **options)
+    elif options.pop("accuracy_control", False):
+        raise UserError(f"--accuracy-control applies to --precision int8-nncf, not {precision}",
+                        stage="quantize", hint="pass --precision int8-nncf --accuracy-control")
     try:
-        return _quantize_model_dir(model_dir, precision, output_dir, **options)
+        cut = split_of(model_dir, precision)  # a split model is quantized whole, then re-split
+        result = quantize(model_dir, precision, output_dir, **options)
+        return resplit(result, cut) if cut is not None else result
     except BaseException:
         if created and out.is_dir():
             with contextlib.suppress(OSError):
@@ -135,7 +158,11 @@ def _source(model_dir: Path, out_dir: Path, precision: str, target: str | None):
     if out_dir.resolve() == model_dir.resolve():
         raise UserError("the output directory is the fp32 model's directory", stage="quantize",
                         hint="pass another -o; the fp32 model is kept as the reference")
-    target = target or manifest.target or "ort-cpu"
+    if target is None:
+        target = manifest.target or "ort-cpu"
+        if get_target(target).incompatibility(precision=precision):
+            # the export's target cannot compute it (bf16, IR): where it is measured
+            target = measure_target(precision)
     check_target_precision(target, precision)
     return source, target
 
@@ -165,9 +192,10 @@ def _feeds(manifest, precision: str, calibration_file, calibration_cases: int,
     return calibration, evaluation
 
 
-def _measure(src: Path, staged: Path, precision: str, evaluation) -> list[LossRecord]:
+def _measure(src: Path, staged: Path, precision: str, evaluation,
+             policy: TolerancePolicy | None = None) -> list[LossRecord]:
     """The reduced model against the fp32 one; over the policy is a UserError."""
-    loss = accuracy_loss(src, staged, precision, evaluation)
+    loss = accuracy_loss(src, staged, precision, evaluation, policy)
     failed = [r for r in loss if not r.passed]
     if failed:
         worst = sorted(failed, key=lambda r: r.cosine)[:5]
@@ -199,6 +227,8 @@ def _save(staged: Path, out_dir: Path, manifest, precision: str, settings, calib
     }
     out_manifest.pop("files", None)
     out_manifest.pop("files_sha256", None)
+    out_manifest.pop("split", None)  # the fp32 graphs' cut: the reduced model is re-split
+    out_manifest.pop("ir", None)  # the fp32 model's IR, not this one's (`qcexport ir` makes it)
     out_manifest["model"] = MODEL_FILE
     reduced = onnx.load(staged)
     save_model_and_manifest(reduced, out_dir / MODEL_FILE, out_dir / MANIFEST_FILE,
@@ -219,6 +249,9 @@ def _quantize_model_dir(
     target: str | None = None,
     evaluation_cases: int = 6,
     on_stage: StageCallback | None = None,
+    auto_exclude: bool = False,
+    exclusion_budget: int = DEFAULT_BUDGET,
+    policy_file: str | Path | None = None,
 ) -> QuantizeResult:
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(output_dir)
@@ -233,10 +266,22 @@ def _quantize_model_dir(
     prepare_output_dir(out_dir)
     with tempfile.TemporaryDirectory(prefix="qcexport-quantize-") as tmp:
         staged = Path(tmp) / MODEL_FILE
-        settings = stages("quantize", quantize_file, src, staged, precision,
-                          calibration=calibration, method=method, exclude_nodes=exclude_nodes,
-                          exclude_modules=exclude_modules)
-        loss = stages("measure", _measure, src, staged, precision, evaluation)
+        policy = policy_for(precision, policy_file=policy_file)
+        if auto_exclude:  # quantize, and keep the worst modules in float until it passes
+
+            def attempt(dst: Path, nodes: Sequence[str]):
+                return quantize_file(src, dst, precision, calibration=calibration,
+                                     method=method, exclude_nodes=[*exclude_nodes, *nodes],
+                                     exclude_modules=exclude_modules)
+
+            settings = stages("auto-exclude", auto_exclude_search, src, staged, precision,
+                              attempt, evaluation, policy=policy, target=target,
+                              budget=exclusion_budget)
+        else:
+            settings = stages("quantize", quantize_file, src, staged, precision,
+                              calibration=calibration, method=method,
+                              exclude_nodes=exclude_nodes, exclude_modules=exclude_modules)
+        loss = stages("measure", _measure, src, staged, precision, evaluation, policy)
         out_manifest = stages("save", _save, staged, out_dir, manifest, precision, settings,
                               calibration, loss, src)
     return QuantizeResult(out_dir / MODEL_FILE, out_manifest, loss, time.perf_counter() - start,

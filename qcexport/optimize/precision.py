@@ -30,7 +30,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -40,11 +40,17 @@ from qcrun.errors import UserError, unknown_choice
 from qcrun.graphs import all_graphs, subgraphs, walk_graphs
 from qcrun.parity import Record, TolerancePolicy, compare_outputs
 from qcrun.profiling.provenance import parse_scopes
+from qcrun.targets import get_target
 
 from qcexport.export import save
 from qcexport.export.lowering import check_model, count_ops
 
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
+if TYPE_CHECKING:
+    from qcexport.optimize.auto_exclude import AutoExclusion
+
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static", "bf16", "int8-nncf")
+#: Precisions made by another module: int8-nncf (``qcexport.optimize.nncf``, OpenVINO IR).
+OTHER_QUANTIZERS = ("int8-nncf",)
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 QUANTIZED_OPS = ("MatMul", "Gemm")
 # Ops whose presence means the model is already reduced.
@@ -227,6 +233,8 @@ class QuantizeSettings:
     cpu_vnni: bool | None = None
     reason: str = ""
     counts: dict[str, Any] = field(default_factory=dict)
+    # what --auto-exclude kept in float and what it cost (qcexport.optimize.auto_exclude)
+    auto_exclude: AutoExclusion | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v not in (None, [], "")}
@@ -390,21 +398,32 @@ class LossRecord:
                    record.verdict == "pass", record.message)
 
 
-#: Where the reduced model is measured against the fp32 one.
-MEASURE_TARGET = "ort-cpu"
+#: Where the reduced model is measured against the fp32 one: the first of these that computes
+#: its precision (bf16 and OpenVINO IR only on OpenVINO CPU).
+MEASURE_TARGETS = ("ort-cpu", "openvino-cpu")
+MEASURE_TARGET = MEASURE_TARGETS[0]
+
+
+def measure_target(precision: str) -> str:
+    return next(t for t in MEASURE_TARGETS
+                if not get_target(t).incompatibility(precision=precision))
 
 
 def accuracy_loss(fp32_path: Path, reduced_path: Path, precision: str,
-                  feeds: Sequence[tuple[str, Mapping[str, np.ndarray]]]) -> list[LossRecord]:
-    """Run both models in onnxruntime CPU and compare every output under the policy."""
-    policy = TolerancePolicy()
+                  feeds: Sequence[tuple[str, Mapping[str, np.ndarray]]],
+                  policy: TolerancePolicy | None = None) -> list[LossRecord]:
+    """Run both models on the measure target, each pinned to its declared precision (the
+    fp32 one to fp32), and compare every output under the policy (qcrun's built-in one
+    unless the user named a file)."""
+    policy = policy or TolerancePolicy()
     records: list[Record] = []
-    with open_adapter(fp32_path, MEASURE_TARGET) as ref, \
-            open_adapter(reduced_path, MEASURE_TARGET) as low:
+    target = measure_target(precision)
+    with open_adapter(fp32_path, target, precision="fp32") as ref, \
+            open_adapter(reduced_path, target, precision=precision) as low:
         for case, feed in feeds:
             records += compare_outputs(
-                MEASURE_TARGET, case, low.run(feed), ref.run(feed),
-                lambda name: policy.resolve(precision, MEASURE_TARGET, name))
+                target, case, low.run(feed), ref.run(feed),
+                lambda name: policy.resolve(precision, target, name))
     return [LossRecord.of(r) for r in records]
 
 
@@ -436,7 +455,7 @@ def quantize_file(
 ) -> QuantizeSettings:
     """Write the ``precision`` version of the fp32 model at ``src`` to ``dst``; its external
     data (``src``'s is read in place) is written beside ``dst`` when it is large."""
-    if precision not in PRECISIONS or precision == "fp32":
+    if precision not in PRECISIONS or precision == "fp32" or precision in OTHER_QUANTIZERS:
         raise unknown_choice("precision", precision, PRECISIONS[1:], flag="--precision")
     model = load_checked(src, stage="quantize")
     already = reduced_precision_of(model)
@@ -462,6 +481,11 @@ def quantize_file(
             elif precision == "int8-static":
                 settings = quantize_static_int8(src, work, calibration, method, quantizer_names,
                                                 external=external)
+            elif precision == "bf16":  # the graph stays fp32: the engine is told to use bf16
+                _write_work(model, work)
+                settings = QuantizeSettings("bf16", excluded_nodes=list(exclude), reason=(
+                    "the fp32 graph, computed in bf16 by OpenVINO CPU (INFERENCE_PRECISION_HINT "
+                    "bf16, read back at load); weights stored fp32"))
             else:
                 half, settings = convert_fp16(model, exclude)
                 _write_work(half, work)
@@ -476,7 +500,7 @@ def quantize_file(
         topological_sort(graph)
     check_model(reduced)
     _write_work(reduced, dst)
-    if precision != "fp16":
+    if precision not in ("fp16", "bf16"):
         settings.counts = matmul_counts(reduced)
     return settings
 

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from qcrun.bundle import Bundle, is_bundle, open_bundle
+from qcrun.context import Context, SplitRunner
 from qcrun.engines import (
     Adapter,
     TargetUnavailable,
@@ -44,9 +45,12 @@ from qcrun.engines import (
     adapter_for,
     array_problems,
     availability,
+    model_file,
 )
 from qcrun.errors import UserError
-from qcrun.files import ValueRange, read_model_dir
+from qcrun.files import ModelDir, ValueRange, read_model_dir
+from qcrun.golden import read_golden_manifest
+from qcrun.ir import ModelFiles, contradicting_cases, fixed_shapes, resolve_fix_axes
 from qcrun.targets import Target, get_target
 
 #: Target preference of ``target="auto"``, best first; targets in one tuple share a rank, and
@@ -92,6 +96,12 @@ class _Source:
     owns_bundle: bool = False  # opened by load (closed with the model), not passed in
     # input name -> the values it may hold (recorded at export; PyTorch raises outside them)
     ranges: Mapping[str, ValueRange] = field(default_factory=dict)
+    # the checked model directory, for its context and query graphs (``--split context``)
+    model_dir: ModelDir | None = None
+    files: ModelFiles | None = None  # the model's files by format (ONNX, OpenVINO IR)
+    roles: Mapping[str, str] = field(default_factory=dict)  # axis role -> label
+    golden: Path | None = None  # its golden set, which fixed axes must leave something of
+    fixed: Mapping[str, int] = field(default_factory=dict)  # axes a bundle was built fixed at
 
 
 def auto_order(bundle_target: str | None = None) -> list[str]:
@@ -136,20 +146,38 @@ class Model:
     symbolic axis names); ``target`` is where it runs and ``choices`` how that was decided.
     """
 
-    def __init__(self, adapter: Adapter, source: _Source, choices: Sequence[Choice]):
+    def __init__(self, adapter: Adapter, source: _Source, choices: Sequence[Choice],
+                 fixed: Mapping[str, int] | None = None):
         self._adapter = adapter
         self._source = source
         self.choices = list(choices)
         self.target: str = adapter.target.name
+        #: The declared precision, and what the engine computes float operations in (read back
+        #: from it; None for an engine that computes the graph's own types).
+        self.precision: str = adapter.precision
+        self.inference_precision: str | None = adapter.inference_precision()
         engine_inputs = adapter.inputs
         self.inputs: list[TensorInfo] = source.inputs or engine_inputs
         self.outputs: list[TensorInfo] = source.outputs or adapter.outputs
+        #: Symbolic axes fixed at load (label -> size): the spec shows their sizes, and the
+        #: engine was built for them (``load(fix_axes=...)``, or a bundle built fixed).
+        self.fixed_axes: dict[str, int] = dict(fixed or {})
+        if self.fixed_axes:
+            self.inputs = [replace(i, shape=tuple(fixed_shapes({i.name: i.shape},
+                                                               self.fixed_axes)[i.name]))
+                           if i.shape is not None else i for i in self.inputs]
+        #: Seconds the engine took to make the model runnable (read and compile, or import a
+        #: compiled-model cache), and what became of the cache ("used", "none", "not used: why").
+        self.load_seconds: float | None = adapter.load_seconds
+        self.cache: str = adapter.cache_state
         self._check_spec(engine_inputs)
         self._closed = False
         # Calls in flight, so that close() waits for them before releasing the engine: a
         # session freed under a running call would crash in native code.
         self._calls = threading.Condition()
         self._in_flight = 0
+        self._pair_lock = threading.Lock()
+        self._split: SplitRunner | None = None
 
     def _check_spec(self, engine_inputs: list[TensorInfo]) -> None:
         """The declared spec must be the model's: every declared input known to the engine
@@ -197,21 +225,52 @@ class Model:
     def __call__(self, **inputs: Any) -> dict[str, np.ndarray]:
         return self.run(inputs)
 
-    def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Run one set of inputs (name -> array); returns every output by name. Safe against
-        a concurrent ``close()``: a call that started finishes first, a later one is a
-        UserError."""
+    def encode(self, **inputs: Any) -> Context:
+        """Run a split model's context graph on its context inputs (the image side) once;
+        the ``Context`` it returns answers many ``query`` calls (``qcrun.context``)."""
+        return self._guarded(lambda: self._pair().encode(inputs))
+
+    def query(self, context: Context, **inputs: Any) -> dict[str, np.ndarray]:
+        """Run a split model's query graph on the other inputs against ``context`` (from this
+        model's ``encode``; another model's is refused)."""
+        return self._guarded(lambda: self._pair().query(context, inputs))
+
+    def _pair(self) -> SplitRunner:
+        """The context and query graphs on this model's target, loaded on first use."""
+        with self._pair_lock:
+            if self._split is None:
+                model_dir = self._source.model_dir
+                if model_dir is None and self._source.bundle is not None:
+                    # a bundle carries the model directory's manifest, split and graphs
+                    # included (checked by the bundle's hashes, and here again)
+                    model_dir = read_model_dir(self._source.bundle.model_path.parent,
+                                               stage="encode")
+                if model_dir is None or model_dir.manifest.split is None:
+                    raise UserError(f"{self._source.label} has no context and query graphs",
+                                    stage="encode",
+                                    hint="convert it with `qcexport convert NAME --split "
+                                    "context` and load its model directory")
+                self._split = SplitRunner(model_dir, self.target).load()
+            return self._split
+
+    def _guarded(self, call):
         with self._calls:
             if self._closed:
                 raise UserError(f"{self._source.label} on {self.target} was closed",
                                 stage="run", hint="load it again with qcrun.load")
             self._in_flight += 1
         try:
-            return self._run(inputs)
+            return call()
         finally:
             with self._calls:
                 self._in_flight -= 1
                 self._calls.notify_all()
+
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run one set of inputs (name -> array); returns every output by name. Safe against
+        a concurrent ``close()``: a call that started finishes first, a later one is a
+        UserError."""
+        return self._guarded(lambda: self._run(inputs))
 
     def _run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if not isinstance(inputs, Mapping):
@@ -285,6 +344,8 @@ class Model:
             self._closed = True
             self._calls.wait_for(lambda: self._in_flight == 0)
         self._adapter.close()
+        if self._split is not None:
+            self._split.close()
         if self._source.owns_bundle:
             self._source.bundle.close()
 
@@ -304,6 +365,7 @@ def load(
     options: Mapping[str, Mapping[str, Any]] | None = None,
     trusted_keys: Sequence[Any] | None = None,
     expect_sha256: str | None = None,
+    fix_axes: Mapping[str, int] | None = None,
 ) -> Model:
     """Load a bundle (directory or .tar.gz), a model directory or an .onnx file on a target.
 
@@ -321,11 +383,18 @@ def load(
     ``qcrun[sign]``): the bundle must be signed by one of them, else ``BundleUntrusted``.
     ``expect_sha256``: the bundle's manifest sha256 must be this one (pinned without keys).
     Both are checked before anything else is read, and apply to bundles only.
+
+    ``fix_axes`` (``{"batch": 1, "tokens": 257}``, axes by role or label): the engine is built
+    for those sizes (onnxruntime free-dimension overrides, OpenVINO ``reshape``), and inputs
+    of other sizes are refused. An axis the model does not have, a size the bundle was built
+    fixed at otherwise, or one that every golden case contradicts is a UserError.
     """
     source = _open_source(path_or_bundle, verify=verify, trusted_keys=trusted_keys,
                           expect_sha256=expect_sha256)
     try:
-        return _load_source(source, target, cache_dir=cache_dir, options=options or {})
+        fixed = _fixed_axes(source, fix_axes or {})
+        return _load_source(source, target, cache_dir=cache_dir, options=options or {},
+                            fixed=fixed)
     except BaseException:
         if source.owns_bundle:
             source.bundle.close()
@@ -349,7 +418,9 @@ def _open_source(path_or_bundle, *, verify: bool, trusted_keys=None,
         return _Source(bundle.model_path, str(bundle.source), bundle.inputs, bundle.outputs,
                        bundle.attention, bundle.opset, bundle.precision, bundle,
                        owns_bundle=not isinstance(path_or_bundle, Bundle),
-                       ranges=_ranges(bundle.spec.inputs))
+                       ranges=_ranges(bundle.spec.inputs), files=bundle.model_files(),
+                       roles=bundle.spec.roles or {}, golden=bundle.golden_path,
+                       fixed=bundle.fixed_axes)
     if trusted_keys is not None or expect_sha256 is not None:
         raise UserError(f"{path_or_bundle} is not a bundle: trusted_keys and expect_sha256 "
                         "check bundles", stage="trust",
@@ -371,7 +442,9 @@ def _open_source(path_or_bundle, *, verify: bool, trusted_keys=None,
 
         return _Source(model.model, str(path), infos(manifest.inputs), infos(manifest.outputs),
                        model.attention, model.opset, model.precision,
-                       ranges=_ranges(manifest.inputs))
+                       ranges=_ranges(manifest.inputs), files=model.model_files(),
+                       roles=manifest.roles or {}, golden=model.golden_dir(),
+                       model_dir=model)
     if path.suffix == ".onnx" or path.is_file():
         # A bare model: its form and precision are unknown, so every target is a candidate.
         return _Source(path, str(path), None, None, None, None, None)
@@ -399,13 +472,50 @@ def _range_problems(name: str, array: np.ndarray, allowed: ValueRange) -> list[s
 
 def _incompatibility(source: _Source):
     def why(target: Target) -> str | None:
+        if source.files is not None:
+            try:
+                model_file(source.files, target)
+            except UserError as e:  # an IR-only model where no engine reads IR
+                return str(e)
         return target.incompatibility(attention=source.attention, opset=source.opset,
                                       precision=source.precision)
 
     return why
 
 
-def _load_source(source: _Source, target, *, cache_dir, options) -> Model:
+def _fixed_axes(source: _Source, fix_axes: Mapping[str, int]) -> dict[str, int]:
+    """The axes to fix (label -> size): the bundle's own, and ``fix_axes`` resolved through
+    the manifest's roles and checked against the bundle and the golden cases."""
+    fixed = dict(source.fixed)
+    if not fix_axes:
+        return fixed
+    if source.inputs is None:
+        raise UserError(f"fix_axes needs the model's axis names, and {source.label} is a bare "
+                        "model file", stage="load",
+                        hint="load its model directory or a bundle instead")
+    shapes = {i.name: i.shape for i in source.inputs}
+    asked = resolve_fix_axes(fix_axes, shapes, source.roles)
+    for axis, size in asked.items():
+        if fixed.get(axis, size) != size:
+            raise UserError(f"fix_axes: {source.label} was built with {axis}={fixed[axis]}, "
+                            f"not {size}", stage="load",
+                            hint=f"pass {axis}={fixed[axis]}, or rebuild the bundle with "
+                            f"`qcexport bundle --fix-axis {axis}={size}`")
+    if source.golden is not None:
+        cases = [(c.name, {k: v.shape for k, v in c.inputs.items()})
+                 for c in read_golden_manifest(source.golden).cases]
+        refused = contradicting_cases(cases, shapes, asked)
+        if cases and len(refused) == len(cases):
+            raise UserError(
+                f"fix_axes {asked}: every golden case of {source.label} contradicts it "
+                f"({'; '.join(f'{n}: {why}' for n, why in refused.items())}), so nothing "
+                "could prove the model right at these sizes", stage="load",
+                hint="fix the axes at a size a golden case has, or write golden cases of that "
+                "size (`qcexport golden`)")
+    return {**fixed, **asked}
+
+
+def _load_source(source: _Source, target, *, cache_dir, options, fixed=None) -> Model:
     bundle_target = source.bundle.target if source.bundle else None
     if isinstance(target, str) and target != "auto":
         named = get_target(target)
@@ -429,14 +539,14 @@ def _load_source(source: _Source, target, *, cache_dir, options) -> Model:
         if not choice.usable:
             outcome.append(choice)
             continue
-        adapter = _adapter(source, choice.target, cache_dir, options)
+        adapter = _adapter(source, choice.target, cache_dir, options, fixed or {})
         try:
             adapter.load()
         except TargetUnavailable as e:  # listed, but the session fell back: try the next one
             outcome.append(Choice(choice.target, False, str(e)))
             continue
         outcome += [replace(choice, chosen=True), *plan[index + 1:]]
-        return Model(adapter, source, outcome)
+        return Model(adapter, source, outcome, fixed)
     if explicit and len(candidates) == 1:
         raise TargetUnavailable(f"target {candidates[0]} cannot run {source.label} here: "
                                 f"{outcome[0].reason}", stage="load",
@@ -448,10 +558,16 @@ def _load_source(source: _Source, target, *, cache_dir, options) -> Model:
                             "or rebuild the bundle for a target this device has")
 
 
-def _adapter(source: _Source, target: str, cache_dir, options) -> Adapter:
+def _adapter(source: _Source, target: str, cache_dir, options, fixed) -> Adapter:
     t = get_target(target)
     extra = dict(source.bundle.adapter_options(t, cache_dir)) if source.bundle else {}
     if t.needs_shape_ranges and "cache_dir" not in extra and cache_dir:
         extra["cache_dir"] = str(Path(cache_dir) / t.name)
     extra.update(options.get(t.name, {}))
-    return adapter_for(source.model_path, t, **extra)
+    # pinned to the declared precision (a bare model: fp32), never the engine's default
+    extra.setdefault("precision", source.precision)
+    if fixed:
+        extra.update(fix_axes=dict(fixed),
+                     input_shapes={i.name: list(i.shape or ()) for i in source.inputs})
+    path = model_file(source.files, t) if source.files is not None else source.model_path
+    return adapter_for(path, t, **extra)

@@ -48,7 +48,8 @@ import tempfile
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, ClassVar, Literal
 
@@ -101,6 +102,31 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class OpenVinoFiles:
+    """OpenVINO IR carried beside model.onnx (OpenVINO targets read it instead), and
+    optionally a compiled-model cache: the model compiled on the host (``export_model``) under
+    ``ov-cache/``, used only when its hash, the OpenVINO version and the compile settings
+    (``cache_settings``) match; otherwise the IR is compiled (slower, never wrong)."""
+
+    xml: str
+    bin: str
+    cache: str | None = None
+    cache_settings: dict[str, Any] | None = None
+    openvino: str | None = None
+    # seconds to load on the host, by how: "onnx", "ir", "cached" (one measurement each)
+    host_load_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FixedAxes:
+    """Symbolic axes the bundle fixes at load (label -> size, ``qcexport bundle --fix-axis``),
+    and the golden cases left out because their shapes contradict them (name -> why)."""
+
+    axes: dict[str, int]
+    skipped_cases: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class BundleManifest:
     """``bundle.json``, read by ``qcrun.schema.parse`` (unknown keys and wrong types refused).
 
@@ -132,6 +158,9 @@ class BundleManifest:
     preset: str | None = None
     dynamic_axes: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    openvino: OpenVinoFiles | None = None
+    fixed_axes: FixedAxes | None = None
+    roles: dict[str, str] | None = None  # axis role -> label (the model manifest's)
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -159,6 +188,8 @@ class BundleCheck:
     problems: list[FileProblem] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     checked: int = 0
+    # problems of the compiled-model cache: they cost load time only (the IR is compiled)
+    cache_problems: list[FileProblem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -221,6 +252,7 @@ class Bundle:
         self.raw = raw  # the bytes of bundle.json that were parsed: what a signature covers
         self.source = source
         self.authenticity = Authenticity(spec.manifest_sha256)
+        self.skipped: dict[str, str] = {}  # archive members not extracted (a cache): why
         self._finalizer = (
             weakref.finalize(self, shutil.rmtree, cleanup, ignore_errors=True) if cleanup else None
         )
@@ -371,9 +403,11 @@ class Bundle:
         """Adapter options this bundle needs on ``target``: for TensorRT, the profile ranges
         fixed at build time and a cache directory of its own; nothing for other targets."""
         t = get_target(target)
+        fixed = {"fix_axes": self.fixed_axes, "input_shapes": self.input_shapes()} \
+            if self.fixed_axes else {}
         if not t.needs_shape_ranges:
-            return {}
-        return {"profile_shapes": self.profile_shapes,
+            return {**fixed, **self._cache_options(t)}
+        return {**fixed, "profile_shapes": self.profile_shapes,
                 "cache_dir": str(self.cache_dir(t, cache_root))}
 
     def providers(self, target: str | Target, cache_root: str | Path | None = None) -> list:
@@ -403,7 +437,50 @@ class Bundle:
     # -- integrity and authenticity -----------------------------------------------------------
 
     def verify(self) -> BundleCheck:
-        return _check_files(self.root, self.spec, str(self.source))
+        check = _check_files(self.root, self.spec, str(self.source))
+        if self.skipped:  # say why the cache is missing: the archive held it oversized
+            check = replace(check, cache_problems=[
+                FileProblem(p.path, "modified", self.skipped[p.path])
+                if p.path in self.skipped else p for p in check.cache_problems])
+        self._cache_intact = not check.cache_problems
+        return check
+
+    # -- OpenVINO IR, its compiled-model cache, fixed axes ------------------------------------
+
+    def model_files(self):
+        """The model's files by format (``qcrun.ir.ModelFiles``): OpenVINO targets read the
+        IR the bundle carries, the others model.onnx."""
+        from qcrun.ir import ModelFiles
+
+        ov = self.spec.openvino
+        return ModelFiles(self.model_path, self._path(ov.xml, "openvino.xml") if ov else None,
+                          f"bundle {self.source}")
+
+    @property
+    def fixed_axes(self) -> dict[str, int]:
+        return dict(self.spec.fixed_axes.axes) if self.spec.fixed_axes else {}
+
+    def cache_state(self) -> str:
+        """Whether the compiled-model cache can be offered to the engine: "none", "intact", or
+        "not used: why" (missing or modified: compiling the IR costs time, never correctness)."""
+        ov = self.spec.openvino
+        if ov is None or ov.cache is None:
+            return "none"
+        if getattr(self, "_cache_intact", None) is None:
+            self.verify()
+        if not self._cache_intact:
+            return "not used: its files do not match bundle.json (missing or modified)"
+        return "intact"
+
+    def _cache_options(self, t: Target) -> dict[str, Any]:
+        ov = self.spec.openvino
+        settings = (ov.cache_settings or {}) if ov else {}
+        if "ir" not in engine_of(t).formats or settings.get("device") != t.device:
+            return {}
+        if self.cache_state() != "intact":
+            return {}
+        return {"compiled_blob": str(self._path(ov.cache, "openvino.cache")),
+                "compiled_config": settings}
 
     def require_intact(self) -> BundleCheck:
         """The check, or BundleDamaged naming every missing or modified file; then the
@@ -523,6 +600,7 @@ def open_bundle(path: str | Path, *, extract_to: str | Path | None = None) -> Bu
         raise UserError(f"bundle {source} does not exist", stage="bundle",
                         hint="pass a bundle directory or .tar.gz written by `qcexport bundle`")
     cleanup = None
+    skipped: dict[str, str] = {}
     if source.is_dir():
         root = source
     elif source.name.endswith(ARCHIVE_SUFFIXES):
@@ -535,7 +613,7 @@ def open_bundle(path: str | Path, *, extract_to: str | Path | None = None) -> Bu
             target_dir = Path(tempfile.mkdtemp(prefix="qcrun-bundle-"))
             cleanup = str(target_dir)
         try:
-            root = _extract(source, target_dir)
+            root = _extract(source, target_dir, skipped)
         except BaseException:
             if cleanup:
                 shutil.rmtree(cleanup, ignore_errors=True)
@@ -551,7 +629,9 @@ def open_bundle(path: str | Path, *, extract_to: str | Path | None = None) -> Bu
         if cleanup:
             shutil.rmtree(cleanup, ignore_errors=True)
         raise
-    return Bundle(root, spec, source, cleanup, raw=raw, data=data)
+    bundle = Bundle(root, spec, source, cleanup, raw=raw, data=data)
+    bundle.skipped = skipped
+    return bundle
 
 
 def read_bundle_manifest(root: Path, label: str | None = None
@@ -606,8 +686,15 @@ def parse_manifest(raw: bytes, label: str) -> tuple[BundleManifest, dict[str, An
                                 stage="bundle", hint="rebuild it with `qcexport bundle`")
     check_relpath(spec.model, where=where, field="model", stage="bundle")
     check_relpath(spec.golden, where=where, field="golden", stage="bundle")
-    for needed, what in ((spec.model, "the model"),
-                         (f"{spec.golden}/{MODEL_MANIFEST}", "the golden manifest")):
+    needed_files = [(spec.model, "the model"),
+                    (f"{spec.golden}/{MODEL_MANIFEST}", "the golden manifest")]
+    if spec.openvino is not None:  # the cache may be absent: it only saves time
+        needed_files += [(spec.openvino.xml, "the OpenVINO IR"),
+                         (spec.openvino.bin, "the OpenVINO IR weights")]
+        for name in (spec.openvino.xml, spec.openvino.bin, spec.openvino.cache):
+            if name is not None:
+                check_relpath(name, where=where, field="openvino", stage="bundle")
+    for needed, what in needed_files:
         if needed not in spec.files:
             raise BundleDamaged(f"{where}: does not list {what} {needed} among its files, so "
                                 "nothing would check it", stage="bundle",
@@ -650,35 +737,45 @@ def _digest_problem(raw: bytes, recorded: Any) -> str | None:
     return None
 
 
+def _check_file(root: Path, name: str, entry: FileEntry, where: str) -> FileProblem | None:
+    try:
+        path = inside(root, name, where=where, field="files entry", stage="bundle")
+    except UserError as e:
+        return FileProblem(name, "unsafe-path", e.args[0])
+    if not path.is_file():
+        return FileProblem(name, "missing")
+    size = path.stat().st_size
+    if size != entry.bytes:
+        return FileProblem(name, "modified", f"{size} bytes, bundle.json records {entry.bytes}")
+    try:
+        actual = file_sha256(path)
+    except OSError as e:
+        return FileProblem(name, "unreadable", e.strerror or str(e))
+    if actual != entry.sha256:
+        return FileProblem(name, "modified", f"sha256 {actual}, bundle.json records "
+                           f"{entry.sha256}")
+    return None
+
+
 def _check_files(root: Path, spec: BundleManifest, label: str) -> BundleCheck:
-    problems: list[FileProblem] = []
     where = f"bundle {label}: {BUNDLE_MANIFEST}"
-    for name in sorted(spec.files):
-        entry = spec.files[name]
-        try:
-            path = inside(root, name, where=where, field="files entry", stage="bundle")
-        except UserError as e:
-            problems.append(FileProblem(name, "unsafe-path", e.args[0]))
-            continue
-        if not path.is_file():
-            problems.append(FileProblem(name, "missing"))
-            continue
-        size = path.stat().st_size
-        if size != entry.bytes:
-            problems.append(FileProblem(name, "modified",
-                                        f"{size} bytes, bundle.json records {entry.bytes}"))
-            continue
-        try:
-            actual = file_sha256(path)
-        except OSError as e:
-            problems.append(FileProblem(name, "unreadable", e.strerror or str(e)))
-            continue
-        if actual != entry.sha256:
-            problems.append(FileProblem(name, "modified", f"sha256 {actual}, bundle.json records "
-                                        f"{entry.sha256}"))
+    names = sorted(spec.files)
+    # Files are hashed side by side (hashlib and reads release the GIL): an OpenVINO bundle
+    # carries the weights up to three times (ONNX, IR, compiled model), and hashing them one
+    # after the other took longer than importing the compiled model.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1, 4))) as pool:
+        found = pool.map(lambda n: _check_file(root, n, spec.files[n], where), names)
+        problems = [p for p in found if p is not None]
     listed = set(spec.files) | set(RESERVED)
     extra = [rel for rel, _ in _tree(root) if rel not in listed]
-    return BundleCheck(label, problems, extra, len(spec.files) + 1)
+    cache = [p for p in problems if _in_cache(spec, p.path)]
+    problems = [p for p in problems if not _in_cache(spec, p.path)]
+    return BundleCheck(label, problems, extra, len(spec.files) + 1, cache)
+
+
+def _in_cache(spec: BundleManifest, rel: str) -> bool:
+    """Whether ``rel`` is the compiled-model cache, whose damage only costs load time."""
+    return spec.openvino is not None and rel == spec.openvino.cache
 
 
 def _tree(root: Path) -> list[tuple[str, str]]:
@@ -746,14 +843,18 @@ def _foreign_in_archive(archive: Path) -> tuple[bool, list[str]]:
             h.update(block)
         hashes[rel] = h.hexdigest()
 
+    oversized: dict[str, str] = {}
     try:
-        spec = _walk_archive(archive, on_file=digest, on_dir=lambda rel: None)[1]
+        spec = _walk_archive(archive, on_file=digest, on_dir=lambda rel: None,
+                             on_skip=oversized.__setitem__)[1]
     except UserError as e:
         return BUNDLE_MANIFEST in hashes, [e.args[0]]
     except OSError as e:
         return False, [f"it cannot be read: {e.strerror or e}"]
     changed = [f"{rel} (changed since the bundle was written)" for rel, h in hashes.items()
                if rel in spec.files and h != spec.files[rel].sha256]
+    changed += [f"{rel} (changed since the bundle was written: {why})"
+                for rel, why in oversized.items()]
     return True, sorted(changed)
 
 
@@ -918,10 +1019,11 @@ class _ArchiveWalk:
     far (the top directory, the manifest, the files seen) and the checks on each member."""
 
     def __init__(self, archive: Path, on_file: Callable[[str, IO[bytes], int], None],
-                 on_dir: Callable[[str], None]):
+                 on_dir: Callable[[str], None], on_skip: Callable[[str, str], None] | None = None):
         self.archive = archive
         self.on_file = on_file
         self.on_dir = on_dir
+        self.on_skip = on_skip
         self.top: str | None = None
         self.spec: BundleManifest | None = None
         self.seen: set[str] = set()
@@ -996,6 +1098,13 @@ class _ArchiveWalk:
             limit = spec.files[rel].bytes
         else:
             raise self.refuse(name, f"is not listed in {BUNDLE_MANIFEST}")
+        if m.size > limit and _in_cache(spec, rel) and self.on_skip is not None:
+            # A compiled-model cache only saves time: left out (its data streamed past, never
+            # written), it is a missing cache, and the IR is compiled instead.
+            self.seen.add(rel)
+            self.on_skip(rel, f"the archive holds {m.size} bytes, more than the {limit} "
+                         f"{BUNDLE_MANIFEST} lists: not extracted")
+            return
         if m.size > limit:
             raise self.refuse(name, f"holds {m.size} bytes, more than the {limit} "
                               f"{BUNDLE_MANIFEST} lists")
@@ -1007,15 +1116,18 @@ class _ArchiveWalk:
 
 
 def _walk_archive(archive: Path, *, on_file: Callable[[str, IO[bytes], int], None],
-                  on_dir: Callable[[str], None]) -> tuple[str, BundleManifest]:
+                  on_dir: Callable[[str], None], on_skip: Callable[[str, str], None] | None = None
+                  ) -> tuple[str, BundleManifest]:
     """Stream a bundle archive: each member is checked against bundle.json (which must be the
     first file) from its header alone, before its data is read; ``on_file(rel, stream, size)``
     then consumes a listed file, bundle.json and bundle.sig included. Stops with BundleDamaged
     at the first member that is not a plain file or directory, has an absolute or '..' path,
     lies outside the bundle's directory, is not listed, holds more bytes than listed, or comes
-    twice; so no more than the listed total is ever read. Returns (top-level directory name,
-    or "" when the files are at the root; the manifest)."""
-    walk = _ArchiveWalk(archive, on_file, on_dir)
+    twice; so no more than the listed total is ever read. An oversized compiled-model cache is
+    the exception: with ``on_skip(rel, why)`` it is passed over, not refused, because its
+    damage only costs load time. Returns (top-level directory name, or "" when the files are
+    at the root; the manifest)."""
+    walk = _ArchiveWalk(archive, on_file, on_dir, on_skip)
     try:
         with tarfile.open(archive, "r|gz") as tar:
             for m in tar:
@@ -1054,10 +1166,11 @@ class _BytesStream:
         return block
 
 
-def _extract(archive: Path, into: Path) -> Path:
+def _extract(archive: Path, into: Path, skipped: dict[str, str] | None = None) -> Path:
     """Extract a bundle archive into the new or empty directory ``into``, which becomes the
     bundle root (the archive's top-level directory name is not kept), checking every member
-    against bundle.json while streaming (``_walk_archive``)."""
+    against bundle.json while streaming (``_walk_archive``). ``skipped`` receives the members
+    left out (an oversized compiled-model cache) with the reason."""
     into.mkdir(parents=True, exist_ok=True)
 
     def on_dir(rel: str) -> None:
@@ -1073,7 +1186,8 @@ def _extract(archive: Path, into: Path) -> Path:
                 f.write(block)
 
     try:
-        _walk_archive(archive, on_file=on_file, on_dir=on_dir)
+        _walk_archive(archive, on_file=on_file, on_dir=on_dir,
+                      on_skip=None if skipped is None else skipped.__setitem__)
     except OSError as e:
         raise UserError(f"cannot extract bundle archive {archive} into {into}: "
                         f"{e.strerror or e}", stage="bundle",

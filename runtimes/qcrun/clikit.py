@@ -8,6 +8,7 @@ qcexport (or either CLI's command modules).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +73,43 @@ def json_file_option(help: str | None = "Write the full report as JSON to this f
 def junit_option(help: str | None = "Write the report as JUnit XML to this file."):
     return click.option("--junit", "junit_path", help=help,
                         type=click.Path(path_type=Path, dir_okay=False))
+
+
+def cell_option(check: str):
+    """``--cell ID`` of ``qcrun verify`` / ``qcrun profile``: the ``--json`` file becomes the
+    result of matrix cell ID (``qcrun.cell.CellResult``: the report with the cell id, the bundle
+    digest, the device and the engine versions); a failure before the report is written as the
+    cell's error, so the matrix says why instead of "no result"."""
+    def decorate(command):
+        @functools.wraps(command)
+        def run(*args, cell=None, **kwargs):
+            if cell is None:
+                return command(*args, **kwargs)
+            return _run_cell(command, check, cell, args, kwargs)
+
+        return click.option("--cell", "cell", metavar="ID", help="The matrix cell this run is "
+                            "(from `qcexport matrix plan`): --json then writes a cell result "
+                            "for `qcexport matrix merge` (needs --json).")(run)
+    return decorate
+
+
+def _run_cell(command, check: str, cell: str, args, kwargs):
+    from qcrun.cell import CellStamp, check_cell_id, stamping
+    from qcrun.parity import name_list
+
+    json_path = kwargs.get("json_path")
+    if json_path is None:
+        raise UserError(f"--cell {cell} stamps the --json result, and no --json was given",
+                        stage="cell", hint="pass --json PATH")
+    stamp = CellStamp(check_cell_id(cell), check, Path(kwargs["model_dir"]),
+                      name_list(kwargs.get("target_names") or ()))
+    with stamping(stamp):
+        try:
+            return command(*args, **kwargs)
+        except UserError as e:
+            if not stamp.written:
+                write_report(json_path, stamp.text(error=str(e)))
+            raise
 
 
 def output_option(help: str, *, file_okay: bool = True, dir_okay: bool = True,
@@ -202,6 +240,8 @@ def execute_profile(model, target_names, settings: dict, feeds=None, write=None)
                                                       "attention", "opset", "target")
                     if getattr(manifest, k) is not None},
         progress=say,
+        files=model.model_files(),
+        split=model if model.manifest.split is not None else None,
     )
     markdown = report.to_markdown(top=settings["top"], module_depth=settings["module_depth"])
     click.echo(markdown)
@@ -211,6 +251,7 @@ def execute_profile(model, target_names, settings: dict, feeds=None, write=None)
 def _write_profile(report, markdown: str, names, settings: dict, write) -> None:
     """Reports are written only for a profile that succeeded, and only once every one of them
     is rendered: a failed run must not replace a previous good report."""
+    from qcrun.cell import report_json
     from qcrun.report_html import render_html
 
     kept = "; the report files were not written (a previous report is kept)"
@@ -222,7 +263,7 @@ def _write_profile(report, markdown: str, names, settings: dict, write) -> None:
                         + kept, stage="profile",
                         hint="see `qcrun targets` for what runs on this machine")
     texts = [(Path(path), render()) for path, render in (
-        (settings["json_path"], lambda: report.to_json() + "\n"),
+        (settings["json_path"], lambda: report_json(report.to_dict())),
         (settings["markdown_path"], lambda: markdown),
         (settings["html_path"], lambda: render_html(
             report, top=settings["top"], module_depth=settings["module_depth"]))) if path]

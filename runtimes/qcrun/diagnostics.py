@@ -643,6 +643,14 @@ class InspectSource:
     model: Any  # pathlib.Path of the .onnx file
     manifest: Any  # qcrun.files.ModelManifest
     golden_dir: Any = None  # pathlib.Path of the golden set the directory holds, if any
+    files: Any = None  # qcrun.ir.ModelFiles: ONNX and/or OpenVINO IR
+    checked: Any = None  # the qcrun.files.ModelDir (a split model's graphs and cut)
+
+    def model_for(self, target) -> Any:
+        """The file ``target``'s engine reads (OpenVINO: the IR, when there is one)."""
+        from qcrun.engines import model_file
+
+        return model_file(self.files, target) if self.files is not None else self.model
 
 
 def open_source(path) -> InspectSource:
@@ -662,7 +670,7 @@ def open_source(path) -> InspectSource:
         checked = check_model_dir(model.parent, data, where=f"bundle {directory}",
                                   stage="inspect")
         return InspectSource(checked.path, checked.model, checked.manifest,
-                             checked.golden_dir())
+                             checked.golden_dir(), checked.model_files(), checked)
     if not directory.is_dir():
         hint = ("unpack the bundle archive first (tar xzf) and pass its directory"
                 if str(directory).endswith((".tar.gz", ".tgz")) else
@@ -670,7 +678,8 @@ def open_source(path) -> InspectSource:
                 "a bundle directory")
         raise UserError(f"{directory} is not a directory", stage="inspect", hint=hint)
     checked = read_model_dir(directory, stage="inspect")
-    return InspectSource(checked.path, checked.model, checked.manifest, checked.golden_dir())
+    return InspectSource(checked.path, checked.model, checked.manifest, checked.golden_dir(),
+                         checked.model_files(), checked)
 
 
 def golden_feeds(golden, names: Sequence[str] = ()) -> list[tuple[str, dict[str, np.ndarray]]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from qcrun.choices import ATTENTION_FORMS, PRECISIONS
+from qcrun.choices import ATTENTION_FORMS, PRECISIONS, stored_precision
 from qcrun.errors import UserError
 from qcrun.golden import file_sha256, weights_sha256
 from qcrun.onnxfile import GraphSummary, read_summary
@@ -140,6 +140,46 @@ class SourceModel:
 
 
 @dataclass(frozen=True)
+class IrFiles:
+    """OpenVINO IR of the model (``qcexport ir``): ``model.xml`` + ``model.bin`` beside
+    ``model.onnx``, or instead of it when the manifest's ``model`` is the .xml (IR-only, e.g.
+    an NNCF model). Both files are hashed and checked like model.onnx."""
+
+    xml: str
+    xml_sha256: str
+    bin: str
+    bin_sha256: str
+    # the model.onnx it was converted from (None: IR-only); checked against model_sha256
+    source_sha256: str | None = None
+    openvino: str | None = None
+
+
+@dataclass(frozen=True)
+class SplitCut:
+    """How ``qcexport convert --split context`` cut the model in two: the context graph (what
+    depends only on ``context_inputs``: run once per image) and the query graph (the other
+    inputs, plus the ``boundary`` tensors the context graph hands over). Both files are hashed
+    like the model, and their inputs and outputs are checked against this record."""
+
+    context_inputs: list[str]
+    context_model: str
+    context_sha256: str
+    query_model: str
+    query_sha256: str
+    boundary: list[TensorSpec]
+    # boundary tensor -> {axis: symbolic name}: the axes that vary with the inputs' sizes
+    dynamic_axes: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Boundary tensors that are the default of an optional input of the model (Perceiver IO's
+    # output queries): ``query`` takes a value of that name in place of the context's.
+    query_defaults: list[str] = field(default_factory=list)
+
+    def query_specs(self, inputs: list[TensorSpec]) -> list[TensorSpec]:
+        """The query graph's inputs: the model's inputs that are not context, then the
+        boundary."""
+        return [s for s in inputs if s.name not in self.context_inputs] + list(self.boundary)
+
+
+@dataclass(frozen=True)
 class ModelManifest:
     """``manifest.json`` of a model directory, as ``qcexport convert`` / ``quantize`` and
     ``qcexport bundle`` write it.
@@ -194,6 +234,10 @@ class ModelManifest:
     # Where a user's module came from beyond a factory (a Hugging Face component: its
     # path or hub id, component, classes and transformers version).
     source: dict[str, Any] | None = None
+    # OpenVINO IR beside model.onnx, or instead of it (``model`` is then the .xml)
+    ir: IrFiles | None = None
+    # The context/query split (``--split context``); None for a model used whole.
+    split: SplitCut | None = None
 
     def input_specs(self) -> list[dict[str, Any]]:
         """The input specs in their JSON form, for the functions that take plain specs
@@ -218,15 +262,32 @@ class ModelDir:
     model: Path
     files: tuple[Path, ...]
     graph: GraphSummary
+    ir: Path | None = None  # the OpenVINO IR's .xml, when the directory holds IR
 
     @property
     def precision(self) -> str:
         return self.manifest.precision
 
     @property
+    def onnx(self) -> Path | None:
+        """model.onnx, or None for an IR-only directory."""
+        return None if self.model == self.ir else self.model
+
+    def model_files(self):
+        """The model's files by format (``qcrun.ir.ModelFiles``): each target reads the one
+        its engine prefers (OpenVINO: IR), and an IR-only model is refused where no engine
+        reads IR."""
+        from qcrun.ir import ModelFiles
+
+        return ModelFiles(self.onnx, self.ir, f"model directory {self.path}")
+
+    @property
     def attention(self) -> str:
         """The attention form of the graph (the manifest's, checked; "decomposed" when the
-        graph has no fused attention node, whatever form the export asked for)."""
+        graph has no fused attention node, whatever form the export asked for). IR-only:
+        the manifest's (the IR keeps no ONNX op domains to check it against)."""
+        if self.onnx is None:
+            return self.manifest.attention or "decomposed"
         return self.graph.attention
 
     @property
@@ -274,6 +335,10 @@ def parse_model_manifest(data: object, *, where: str, stage: str = "manifest") -
         check_relpath(name, where=where, field="files entry", stage=stage)
     if manifest.golden is not None:
         check_relpath(manifest.golden, where=where, field="golden", stage=stage)
+    if manifest.split is not None:
+        for name, what in ((manifest.split.context_model, "split.context_model"),
+                           (manifest.split.query_model, "split.query_model")):
+            check_relpath(name, where=where, field=what, stage=stage)
     return manifest
 
 
@@ -324,6 +389,9 @@ def check_model_dir(model_dir: Path, data: object, *, where: str, stage: str = "
     if not model.is_file():
         raise UserError(f"{model_dir / manifest.model} does not exist", stage=stage, hint=redo)
     _check_sha(model, manifest.model_sha256, where, stage)
+    ir = _check_ir(model_dir, manifest, where, stage)
+    if ir is not None and manifest.model == manifest.ir.xml:
+        return _ir_only(model_dir, manifest, ir, where, stage)
     graph = read_summary(model, stage=stage)
 
     listed = [n for n in (manifest.files or [manifest.model]) if n != manifest.model]
@@ -339,7 +407,7 @@ def check_model_dir(model_dir: Path, data: object, *, where: str, stage: str = "
         _check_sha(file, sha, where, stage)
         files.append(file)
 
-    if graph.precision != manifest.precision:
+    if graph.precision != stored_precision(manifest.precision):  # bf16 stores an fp32 graph
         raise UserError(
             f"{where} says precision {manifest.precision}, but the graph of {model.name} is "
             f"{graph.precision} (read from its ops and weights)", stage=stage,
@@ -352,7 +420,62 @@ def check_model_dir(model_dir: Path, data: object, *, where: str, stage: str = "
             f"exported from weights {recorded}", stage=stage,
             hint="the manifest does not belong to this model; " + redo)
     check_against_graph(manifest, graph, where=f"{where} (of {model.name})")
-    return ModelDir(model_dir, manifest, model, tuple(files), graph)
+    if ir is not None:
+        files.append(ir)
+    if manifest.split is not None:
+        files += check_split(model_dir, manifest, where=where, stage=stage)
+    return ModelDir(model_dir, manifest, model, tuple(files), graph, ir)
+
+
+def _check_ir(model_dir: Path, manifest: ModelManifest, where: str, stage: str) -> Path | None:
+    """The IR's .xml, its two files checked (inside the directory, hashes, the precision it
+    stores is the declared one, converted from this model.onnx); None without IR."""
+    ir = manifest.ir
+    if ir is None:
+        return None
+    from qcrun.ir import IR_COMMAND, expected_ir_precision, ir_precision
+
+    redo = f"write the IR again with `{IR_COMMAND}` (or restore the directory)"
+    paths = []
+    for name, sha, what in ((ir.xml, ir.xml_sha256, "ir.xml"), (ir.bin, ir.bin_sha256, "ir.bin")):
+        check_relpath(name, where=where, field=what, stage=stage)
+        path = inside(model_dir, name, where=where, field=what, stage=stage)
+        if not path.is_file():
+            raise UserError(f"{path} does not exist", stage=stage, hint=redo)
+        _check_sha(path, sha, where, stage)
+        paths.append(path)
+    if manifest.model != ir.xml and ir.source_sha256 != manifest.model_sha256:
+        raise UserError(f"{where}: the IR {ir.xml} was converted from a model.onnx of sha256 "
+                        f"{ir.source_sha256}, not this one ({manifest.model_sha256})",
+                        stage=stage, hint=redo)
+    stored, wanted = ir_precision(paths[0]), expected_ir_precision(manifest.precision)
+    if stored != wanted:
+        raise UserError(f"{where} says precision {manifest.precision}, but the IR {ir.xml} "
+                        f"stores {stored} (read from its layers)", stage=stage,
+                        hint="write fp32 IR with compress_to_fp16=False; " + redo)
+    return paths[0]
+
+
+def _ir_only(model_dir: Path, manifest: ModelManifest, xml: Path, where: str,
+             stage: str) -> ModelDir:
+    """A directory whose model is OpenVINO IR only: hashes and the IR's precision are checked
+    (``_check_ir``); the inputs and outputs are the manifest's, checked by the engine at load
+    (``qcrun.load`` compares them with the compiled model's)."""
+    from qcrun.onnxfile import ValueSpec
+
+    files = [xml, inside(model_dir, manifest.ir.bin, where=where, field="ir.bin", stage=stage)]
+    for name, sha in manifest.files_sha256.items():
+        file = inside(model_dir, name, where=where, field=f"files_sha256[{name!r}]", stage=stage)
+        if not file.is_file():
+            raise UserError(f"{model_dir / name} does not exist", stage=stage,
+                            hint="restore the directory")
+        _check_sha(file, sha, where, stage)
+        files.append(file)
+    graph = GraphSummary(
+        opsets={"": manifest.opset} if manifest.opset else {},
+        inputs=[ValueSpec(s.name, s.dtype, tuple(s.shape)) for s in manifest.inputs],
+        outputs=[ValueSpec(s.name, s.dtype, tuple(s.shape)) for s in manifest.outputs])
+    return ModelDir(model_dir, manifest, xml, tuple(dict.fromkeys(files)), graph, xml)
 
 
 # --- the manifest's own content, checked against the graph -----------------------------------
@@ -534,6 +657,37 @@ def check_against_graph(manifest: ModelManifest, graph: GraphSummary, *, where: 
     _check_attention(manifest, graph, where)
     _check_metadata(manifest, graph, where)
     _check_names(manifest, graph, where)
+
+
+def check_split(model_dir: Path, manifest: ModelManifest, *, where: str,
+                stage: str = "manifest") -> list[Path]:
+    """The split's two graphs, hashed and checked against the manifest: the context graph
+    takes the context inputs and gives the boundary, the query graph takes the other inputs
+    and the boundary and gives the model's outputs. A boundary edited in the manifest, or a
+    graph from another cut, is refused here, before anything runs."""
+    cut = manifest.split
+    paths = []
+    for name, sha, what in ((cut.context_model, cut.context_sha256, "split.context_model"),
+                            (cut.query_model, cut.query_sha256, "split.query_model")):
+        path = inside(model_dir, name, where=where, field=what, stage=stage)
+        if not path.is_file():
+            raise UserError(f"{model_dir / name} does not exist", stage=stage,
+                            hint="re-export the model with `qcexport convert --split context`")
+        _check_sha(path, sha, where, stage)
+        paths.append(path)
+    context, query = (read_summary(p, stage=stage) for p in paths)
+    unknown = [n for n in cut.context_inputs if manifest.input(n) is None]
+    if unknown:
+        raise _disagree(where, "split.context_inputs", unknown,
+                        f"inputs {[s.name for s in manifest.inputs]}")
+    specs = [manifest.input(n) for n in cut.context_inputs]
+    _check_values("split context inputs", specs, context.inputs, f"{where} (of {paths[0].name})")
+    _check_values("split.boundary", cut.boundary, context.outputs,
+                  f"{where} (of {paths[0].name})")
+    _check_values("split query inputs", cut.query_specs(manifest.inputs), query.inputs,
+                  f"{where} (of {paths[1].name})")
+    _check_values("outputs", manifest.outputs, query.outputs, f"{where} (of {paths[1].name})")
+    return paths
 
 
 def _check_sha(path: Path, expected: str, where: str, stage: str) -> None:

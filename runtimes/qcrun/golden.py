@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -86,6 +87,19 @@ class CaseEntry:
 
 
 @dataclass(frozen=True)
+class IntermediatesEntry:
+    """One case's PyTorch module outputs (``qcexport golden --with-intermediates``): what a
+    device localises a parity failure against without torch. ``modules`` is the execution
+    order; ``arrays`` has one entry per module (the npz key is the module's path)."""
+
+    case: str
+    file: str
+    sha256: str
+    modules: list[str]
+    arrays: dict[str, ArraySpec]
+
+
+@dataclass(frozen=True)
 class WeightsEntry:
     file: str
     sha256: str
@@ -120,6 +134,9 @@ class GoldenManifest:
     # component) and the non-tensor arguments its outputs were computed with.
     source: dict[str, Any] | None = None
     constants: dict[str, Any] | None = None
+    # Module outputs of the cases, when written with --with-intermediates (absent otherwise,
+    # so sets written without them keep their bytes).
+    intermediates: list[IntermediatesEntry] | None = None
 
 
 @dataclass(frozen=True)
@@ -239,7 +256,33 @@ def load_golden(
         path = inside(directory, entry.file, where=where, field=f"cases[{index}].file",
                       stage="golden")
         cases.append(_load_case(path, entry, hint))
+    for index, stored in enumerate(manifest.intermediates or []):
+        # hashed now; the arrays are read (and checked) module by module when compared
+        _check_file(inside(directory, stored.file, where=where,
+                           field=f"intermediates[{index}].file", stage="golden"),
+                    stored.sha256, hint)
     return GoldenSet(directory, manifest, cases)
+
+
+def intermediates_entry(golden: GoldenSet, case: str) -> IntermediatesEntry | None:
+    """The stored module outputs of ``case`` (None when the set has none for it)."""
+    return next((e for e in golden.manifest.intermediates or [] if e.case == case), None)
+
+
+def read_intermediates(golden: GoldenSet, case: str, modules: Sequence[str]
+                       ) -> dict[str, np.ndarray]:
+    """The stored outputs of ``modules`` in ``case``, each checked against its recorded shape,
+    dtype and sha256; only the arrays asked for are read."""
+    entry = intermediates_entry(golden, case)
+    hint = _regenerate_hint(golden.mechanism)
+    if entry is None:
+        raise UserError(f"golden set {golden.path} stores no module outputs for case {case!r}",
+                        stage="golden", hint=f"write them with `qcexport golden "
+                        f"{golden.mechanism} --preset {golden.preset} --with-intermediates`")
+    path = inside(golden.path, entry.file, where=f"golden manifest {golden.path / MANIFEST}",
+                  field="intermediates.file", stage="golden")
+    with np.load(path, allow_pickle=False) as npz:
+        return {m: _checked_array(path, m, npz[m], entry.arrays[m], hint) for m in modules}
 
 
 def _check_file(path: Path, expected_sha: str, hint: str) -> None:

@@ -37,7 +37,14 @@ import numpy as np
 
 from qcrun import machine
 from qcrun.choices import PRECISIONS, TOLERANCE_FIELDS
-from qcrun.engines import LoadFailed, RunFailed, TargetUnavailable, adapter_for, availability
+from qcrun.engines import (
+    LoadFailed,
+    RunFailed,
+    TargetUnavailable,
+    adapter_for,
+    availability,
+    model_file,
+)
 from qcrun.errors import UserError, unknown_choice
 from qcrun.golden import GoldenSet
 from qcrun.schema import dump, parse, read_json
@@ -52,7 +59,7 @@ VERDICTS = ("pass", "fail", "skip")
 FORMAT = 1
 
 #: Record codes of a target that ran nothing (a skip, or a failure when the target was required).
-NOT_RUN_CODES = ("unavailable", "precision", "attention-form")
+NOT_RUN_CODES = ("unavailable", "precision", "attention-form", "format")
 
 
 # --- tolerances ------------------------------------------------------------------------------
@@ -99,11 +106,19 @@ def _checked_fields(fields: Mapping[str, Any]) -> dict[str, float | None]:
 #   cosine >= 0.99 is the real criterion and max_abs only catches gross errors.
 # - int8-static: activation ranges come from calibration and clip outliers: looser max_abs,
 #   same cosine criterion.
+# - bf16: the fp32 graph computed by the engine in bfloat16 (8-bit mantissa, eps ~3.9e-3):
+#   each matmul input is rounded, so after a few layers elements drift ~1e-2 on O(1) values,
+#   between fp16's and int8's; the direction survives (cosine >= 0.9999 measured on every
+#   tiny mechanism on OpenVINO CPU), so 0.999 leaves room for deeper models.
+# - int8-nncf: NNCF's static int8 (calibrated activations, per-channel weights): int8-static's
+#   numbers; with accuracy control the sensitive operations stay in float under this row.
 DEFAULT_TOLERANCES: Mapping[str, Tolerance] = {
     "fp32": Tolerance(max_abs=1e-4, max_rel=1e-4, min_cosine=0.99999),
     "fp16": Tolerance(max_abs=1e-2, max_rel=1e-2, min_cosine=0.999),
     "int8-dynamic": Tolerance(max_abs=0.15, max_rel=0.05, min_cosine=0.99),
     "int8-static": Tolerance(max_abs=0.25, max_rel=0.1, min_cosine=0.99),
+    "bf16": Tolerance(max_abs=5e-2, max_rel=5e-2, min_cosine=0.999),
+    "int8-nncf": Tolerance(max_abs=0.25, max_rel=0.1, min_cosine=0.99),
 }
 
 Scoped = Mapping[str, Mapping[str, Mapping[str, float | None]]]
@@ -417,6 +432,27 @@ def environment() -> dict[str, Any]:
     return machine.software()
 
 
+@dataclass(frozen=True)
+class LoadTime:
+    """How a target loaded the model in a parity run: the file its engine read, the seconds
+    the load took, whether a compiled-model cache was used ("none", "used", "not used: why"),
+    and, where one was used, the seconds a load without it took here (``uncached_s``, measured
+    by ``qcrun verify``: what the cache saves on this device)."""
+
+    file: str
+    seconds: float
+    cache: str = "none"
+    uncached_s: float | None = None
+
+    def describe(self) -> str:
+        text = f"{self.seconds:.3f} s ({self.file}"
+        if self.cache != "none":
+            text += f", compiled-model cache {self.cache}"
+        if self.uncached_s is not None:
+            text += f"; without it {self.uncached_s:.3f} s"
+        return text + ")"
+
+
 @dataclass
 class ParityReport:
     """Every record of a parity run, and what it ran on. JSON is the source of truth: format
@@ -435,7 +471,12 @@ class ParityReport:
     required: list[str] = field(default_factory=list)
     optional: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
+    # target -> what its engine computed float operations in, read back after loading (None:
+    # the engine computes the graph's own types); targets that did not load are absent
+    inference_precision: dict[str, str | None] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
+    # target -> how it loaded the model (targets that did not load are absent)
+    loads: dict[str, LoadTime] = field(default_factory=dict)
 
     def failures(self) -> list[Record]:
         return [r for r in self.records if r.verdict == "fail"]
@@ -671,9 +712,11 @@ def run_parity(
             )
     options = options or {}
     records: list[Record] = []
+    computed: dict[str, str | None] = {}
+    loads: dict[str, LoadTime] = {}
     for target in resolved:
         records += _run_target(
-            Path(model_path),
+            model_path,
             golden,
             target,
             policy,
@@ -681,16 +724,20 @@ def run_parity(
             required=target.name in required,
             attention_form=attention_form,
             options=dict(options.get(target.name, {})),
+            computed=computed,
+            loads=loads,
         )
     return ParityReport(
         records=records,
-        model=str(model_path),
+        model=str(getattr(model_path, "primary", model_path)),
         golden=f"{golden.path} ({golden.mechanism}/{golden.preset})",
         precision=precision,
         targets=names,
         required=required,
         environment=environment(),
         optional=[n for n in name_list(list(optional)) if n not in required],
+        inference_precision=computed,
+        loads=loads,
     )
 
 
@@ -703,7 +750,8 @@ def _not_run(target: Target, golden: GoldenSet, reason: str, code: str, required
 
 
 def _run_target(
-    model_path, golden, target, policy, precision, *, required, attention_form, options
+    model_path, golden, target, policy, precision, *, required, attention_form, options,
+    computed=None, loads=None,
 ) -> list[Record]:
     refusals = {r.code: r for r in target.refusals(precision=precision,
                                                     attention=attention_form)}
@@ -723,13 +771,23 @@ def _run_target(
 
     if target.needs_shape_ranges and "profile_shapes" not in options:
         options.setdefault("profile_feeds", [case.inputs for case in golden.cases])
-    adapter = adapter_for(model_path, target, **options)
+    try:  # ModelFiles (qcrun.ir): the file this target's engine reads (IR on OpenVINO)
+        path = model_file(model_path, target) if hasattr(model_path, "pick") \
+            else Path(model_path)
+    except UserError as e:  # an IR-only model on an engine that reads ONNX only
+        return _not_run(target, golden, f"{e} ({e.hint})", "format", required)
+    adapter = adapter_for(path, target, precision=precision, **options)
     try:
         adapter.load()
     except TargetUnavailable as e:
         return _not_run(target, golden, str(e), "unavailable", required)
     except LoadFailed as e:
         return [Record(target.name, c.name, None, "fail", "load", str(e)) for c in golden.cases]
+    if computed is not None:
+        computed[target.name] = adapter.inference_precision()
+    if loads is not None:
+        loads[target.name] = LoadTime(path.name, round(adapter.load_seconds, 4),
+                                      adapter.cache_state)
 
     records = []
     try:
@@ -792,6 +850,8 @@ KERNEL_TOLERANCES: Mapping[str, Tolerance] = {
     "fp16": DEFAULT_TOLERANCES["fp16"],
     "int8-dynamic": INT8_KERNEL,
     "int8-static": INT8_KERNEL,
+    "bf16": DEFAULT_TOLERANCES["bf16"],
+    "int8-nncf": INT8_KERNEL,
 }
 REFERENCE_TARGET = "onnx-reference"
 
@@ -811,7 +871,7 @@ def kernel_parity(
     """
     reference = get_target(REFERENCE_TARGET)
     ok, _ = availability(reference)
-    if not ok or reference.refusals(attention=attention_form):
+    if not ok or reference.refusals(attention=attention_form, precision=precision):
         return None
     # Kernel error is measured where a runtime runs this model; whether a requested target
     # ran at all is the golden report's verdict, so one that cannot is left out here.

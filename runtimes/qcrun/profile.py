@@ -16,7 +16,10 @@ use the records, so the run sits above the engines and the records below them.
    hook: onnxruntime's profiling trace, OpenVINO's performance counters), folded to op types
    and to the PyTorch module that produced each node (``provenance``);
 5. the engine's measured GEMM peak (``qcrun.gemm``); achieved FLOP/s = graph FLOPs
-   (``qcrun.flops``) / p50, and its fraction of that peak.
+   (``qcrun.flops``) / p50, and its fraction of that peak;
+6. for a split model (``split``): rows of its own for the context graph (each timed run one
+   ``encode``) and the query graph (each one ``query`` against a context encoded once,
+   untimed), with the bytes of one context (``TargetProfile.split_points``).
 
 The profiled session and the calibration session are separate from the timed one, so neither
 the profiler's overhead nor the calibration disturbs the latency numbers. Engine options are
@@ -35,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from qcrun import machine
+from qcrun.context import SplitRunner
 from qcrun.engines import (
     Adapter,
     LoadFailed,
@@ -43,10 +47,12 @@ from qcrun.engines import (
     adapter_for,
     availability,
     engine_of,
+    model_file,
     observe_shapes,
 )
 from qcrun.engines.ort import parse_ort_trace
 from qcrun.errors import UserError
+from qcrun.files import ModelDir
 from qcrun.flops import FlopCount, count_flops
 from qcrun.gemm import DEFAULT_GEMM_SIZES, gemm_model, gemm_peak
 from qcrun.latency import (
@@ -60,10 +66,12 @@ from qcrun.latency import (
 from qcrun.machine import current_rss_bytes, peak_rss_bytes, physical_cores, reset_peak_rss
 from qcrun.profiling.provenance import Provenance, parse_scopes, provenance
 from qcrun.profiling.records import (
+    CONTEXT,
     DEFAULT_MODULE_DEPTH,
     ENGINE_INTERNAL,
     FORMAT,
     NO_METADATA,
+    QUERY,
     TOP_LEVEL,
     Folded,
     GemmPeak,
@@ -161,6 +169,8 @@ def profile_model(
     model_info: Mapping[str, Any] | None = None,
     adapter_factory: Callable[..., Adapter] = adapter_for,
     progress: Progress | None = None,
+    files: Any = None,
+    split: ModelDir | None = None,
 ) -> ProfileReport:
     """Profile ``model_path`` on every target at every sweep point (see the module docstring).
 
@@ -168,6 +178,8 @@ def profile_model(
     ``op_runs`` profiled runs at ``points[op_point]`` give the per-op breakdown (0: none);
     ``gemm_sizes`` None skips the GEMM peak; ``count`` False skips FLOP counting.
     ``options`` maps a target name to adapter options laid over ``profile_options``.
+    ``files`` (``qcrun.ir.ModelFiles``): each target reads its engine's file (OpenVINO: IR).
+    ``split``: the checked directory of a split model, whose two graphs get rows of their own.
     """
     check_plan(runs, budget_s, warmup)
     if runs is None and budget_s is None:
@@ -183,8 +195,7 @@ def profile_model(
         raise UserError("no targets given", stage="profile", hint="pass --targets ort-cpu,...")
     if not points:
         raise UserError("no sweep points", stage="profile", hint="pass --batch / --tokens sizes")
-    say = progress or (lambda _text: None)
-    info = dict(model_info or {})
+    say, info = progress or (lambda _text: None), dict(model_info or {})
     report = ProfileReport(
         model=str(model_path),
         targets=[],
@@ -198,25 +209,42 @@ def profile_model(
     )
     feed_cache = {point: {k: np.asarray(v) for k, v in feeds(point).items()} for point in points}
     flop_counts = _count_all(model_path, points, feed_cache, report, say) if count else {}
-
     prov = _provenance(model_path, report) if op_runs else None
 
+    # Every target computes the declared precision (a bare model: fp32), or is skipped.
+    declared = info.get("precision") or "fp32"
     for target in resolved:
-        ok, reason = availability(target)
+        ok, reason, path = _runnable(target, declared, model_path, files)
         if not ok:
             say(f"{target.name}: skipped ({reason})")
             report.targets.append(TargetProfile(target.name, target.engine, "skipped", reason))
             continue
         opts = profile_options(target, threads=threads, accuracy=accuracy,
-                               extra=(options or {}).get(target.name))
+                               extra={"precision": declared, **((options or {}).get(target.name)
+                                                                or {})})
         report.targets.append(
-            _profile_target(model_path, target, opts, points, feed_cache, flop_counts,
+            _profile_target(path, target, opts, points, feed_cache, flop_counts,
                             warmup=warmup, runs=runs, budget_s=budget_s, op_runs=op_runs,
                             op_point=op_point, gemm_sizes=gemm_sizes, prov=prov,
                             precision=info.get("precision"), adapter_factory=adapter_factory,
-                            say=say)
+                            say=say, split=split)
         )
     return report
+
+
+def _runnable(target: Target, declared: str, model_path: Path, files
+              ) -> tuple[bool, str, Path]:
+    """(whether ``target`` can profile the model here, why not, the file it reads)."""
+    refused = target.incompatibility(precision=declared)
+    if refused:
+        return False, f"it cannot compute this {declared} model: {refused}", model_path
+    ok, reason = availability(target)
+    if not ok or files is None:
+        return ok, reason, model_path
+    try:
+        return True, reason, model_file(files, target)
+    except UserError as e:  # an IR-only model on an engine that reads ONNX only
+        return False, f"{e.args[0]}; {e.hint}", model_path
 
 
 def _provenance(model_path: Path, report: ProfileReport) -> Provenance | None:
@@ -272,8 +300,9 @@ def _count_all(model_path, points, feed_cache, report, say) -> dict[SweepPoint, 
 
 def _profile_target(model_path, target, opts, points, feed_cache, flop_counts, *, warmup, runs,
                     budget_s, op_runs, op_point, gemm_sizes, prov, precision, adapter_factory,
-                    say) -> TargetProfile:
-    result = TargetProfile(target.name, target.engine, "ok", options=dict(opts))
+                    say, split=None) -> TargetProfile:
+    result = TargetProfile(target.name, target.engine, "ok", options=dict(opts),
+                           model_file=Path(model_path).name)
     reset = machine.reset_peak_rss()
     rss_before = machine.current_rss_bytes()
     adapter = adapter_factory(model_path, target, **opts)
@@ -287,7 +316,9 @@ def _profile_target(model_path, target, opts, points, feed_cache, flop_counts, *
         result.status, result.reason = "failed", str(e)
         say(f"{target.name}: load failed ({e})")
         return result
-    say(f"{target.name}: loaded in {result.load_s:.3f} s")
+    result.inference_precision = adapter.inference_precision()
+    say(f"{target.name}: loaded in {result.load_s:.3f} s"
+        + (f", computing in {result.inference_precision}" if result.inference_precision else ""))
     try:
         reported, result.threads = adapter.reported_options()
         result.engine_options = plain(reported)
@@ -311,6 +342,9 @@ def _profile_target(model_path, target, opts, points, feed_cache, flop_counts, *
     if any(p.error for p in result.points) and not any(p.samples_ms for p in result.points):
         result.status = "failed"
         result.reason = "; ".join(p.error for p in result.points if p.error)
+    if split is not None and result.status == "ok":
+        _time_split(split, target, opts, points, feed_cache, result, bool(flop_counts),
+                    warmup=warmup, runs=runs, budget_s=budget_s, factory=adapter_factory, say=say)
 
     if op_runs and result.status == "ok":
         point = points[op_point]
@@ -324,35 +358,88 @@ def _profile_target(model_path, target, opts, points, feed_cache, flop_counts, *
         else:
             say(f"{target.name}: GEMM peak {result.gemm_peak.flops_per_s / 1e9:.1f} GFLOP/s "
                 f"({result.gemm_peak.size}^3)")
-            for p in result.points:
+            for p in result.rows():
                 p.peak_flops_per_s = result.gemm_peak.flops_per_s
     return result
 
 
 def _time_point(adapter, point, feed, count, warmup, runs, budget_s, say, name) -> PointResult:
-    result = PointResult(
-        sizes=point.as_dict(),
-        input_shapes={k: list(v.shape) for k, v in feed.items()},
-        warmup=warmup,
-        budget_s=budget_s,
-        flops=count.total if count else None,
-        flops_exact=bool(count and count.exact),
-    )
     checked = adapter.check_feed(feed)
+    return _time_row(lambda: adapter.run(checked), _row(point, feed, count, warmup, budget_s),
+                     warmup, runs, say, name)
+
+
+def _row(point: SweepPoint, feed, count: FlopCount | None, warmup: int, budget_s,
+         **fields) -> PointResult:
+    """The untimed part of a latency row: its shape, the shapes fed, FLOPs, the plan."""
+    return PointResult(sizes=point.as_dict(), input_shapes={k: list(np.shape(v))
+                                                            for k, v in feed.items()},
+                       warmup=warmup, budget_s=budget_s, flops=count.total if count else None,
+                       flops_exact=bool(count and count.exact), **fields)
+
+
+def _time_row(run: Callable[[], Any], result: PointResult, warmup, runs, say,
+              name) -> PointResult:
+    """``result`` with the samples of ``run`` (``qcrun.latency.time_calls``), or its error."""
     try:
-        timing = time_calls(lambda: adapter.run(checked), warmup=warmup, runs=runs,
-                            budget_s=budget_s)
+        timing = time_calls(run, warmup=warmup, runs=runs, budget_s=result.budget_s)
     except RunFailed as e:
         result.error = str(e)
-        say(f"{name} {point.label()}: failed ({e})")
+        say(f"{name} {result.label()}: failed ({e})")
         return result
     result.samples_ms = [s * 1e3 for s in timing.samples_s]
     result.budget_s = timing.budget_s
     result.warnings += timing.warnings
     stats = timing.stats
-    say(f"{name} {point.label()}: p50 {stats.p50_ms:.3f} ms, p90 {stats.p90_ms:.3f} ms "
+    say(f"{name} {result.label()}: p50 {stats.p50_ms:.3f} ms, p90 {stats.p90_ms:.3f} ms "
         f"({stats.runs} runs)")
     return result
+
+
+def _time_split(model: ModelDir, target: Target, opts, points, feed_cache, result, count, *,
+                warmup, runs, budget_s, factory, say) -> None:
+    """A split model's rows (``TargetProfile.split_points``) at every point: its context graph,
+    each timed run one ``encode``, and its query graph, each timed run one ``query`` against
+    a context encoded once, untimed, beforehand (what a user pays per image and per question).
+    The graphs that fail to load or run make the target failed: they are what the user runs."""
+    cut = model.manifest.split
+    try:
+        pair = SplitRunner(model, target.name, adapter_factory=factory, **opts).load()
+    except (TargetUnavailable, LoadFailed) as e:
+        result.status, result.reason = "failed", f"split graphs: {e}"
+        say(f"{target.name}: split graphs failed to load ({e})")
+        return
+    try:
+        for point in points:
+            image = {k: v for k, v in feed_cache[point].items() if k in cut.context_inputs}
+            asked = {k: v for k, v in feed_cache[point].items() if k not in image}
+            try:
+                context = pair.encode(image)
+            except RunFailed as e:
+                result.split_points += [_row(point, {}, None, warmup, budget_s, graph=graph,
+                                             error=str(e)) for graph in (CONTEXT, QUERY)]
+                continue
+            fed = {**asked, **context.arrays}
+            for graph, file, feed, run in (
+                    (CONTEXT, cut.context_model, image, lambda i=image: pair.encode(i)),
+                    (QUERY, cut.query_model, fed, lambda a=asked, c=context: pair.query(c, a))):
+                flops = _graph_flops(model.path / file, feed) if count else None
+                row = _row(point, feed, flops, warmup, budget_s, graph=graph,
+                           context_bytes=context.nbytes)
+                result.split_points.append(_time_row(run, row, warmup, runs, say, target.name))
+    finally:
+        pair.close()
+    failed = [p.error for p in result.split_points if p.error]
+    if failed:
+        result.status, result.reason = "failed", "split graphs: " + "; ".join(failed)
+
+
+def _graph_flops(path: Path, feed) -> FlopCount | None:
+    """Matrix FLOPs of one graph of a split model at the shapes fed (None: not countable)."""
+    try:
+        return count_flops(path, {k: np.shape(v) for k, v in feed.items()})
+    except UserError:
+        return None
 
 
 def _op_breakdown(model_path, target, opts, point, feed, prov, warmup, op_runs, result,

@@ -283,6 +283,7 @@ def render_html(report: ProfileReport, *, top: int = 10,
     out.append("<h2>Latency per target</h2>")
     out.append(latency_plot(report))
     out.append(_latency_table(report))
+    out += _split_table(report)
     plots = growth_plots(report)
     if plots:
         out.append("<h2>Latency vs size</h2>")
@@ -302,7 +303,7 @@ def render_html(report: ProfileReport, *, top: int = 10,
         for note in t.ops.notes:
             out.append(f'<p class="warn">{_e(note)}</p>')
     warnings = report.warnings + [f"{t.target}: {w}" for t in report.targets for w in t.warnings]
-    warnings += [f"{t.target} {p.label()}: {w}" for t in report.targets for p in t.points
+    warnings += [f"{t.target} {p.label()}: {w}" for t in report.targets for p in t.rows()
                  for w in p.warnings]
     if warnings:
         out.append("<h2>Warnings</h2><ul>")
@@ -320,7 +321,7 @@ def _latency_table(report: ProfileReport) -> str:
             "runs/s", "GFLOP", "GFLOP/s", "% GEMM peak"]
     rows = []
     for t in report.ran():
-        for p in t.points:
+        for p in t.rows():
             s = p.stats
             if s is None:
                 rows.append([t.target, p.label(), f"failed: {p.error}"] + [""] * 11)
@@ -336,6 +337,26 @@ def _latency_table(report: ProfileReport) -> str:
                          gflop, "-" if rate is None else f"{rate / 1e9:.1f}",
                          "-" if share is None else f"{share:.0%}"])
     return _table(head, rows, left=2)
+
+
+def _split_table(report: ProfileReport) -> list[str]:
+    """A split model's graphs side by side (``TargetProfile.split``); nothing for others."""
+    rows = [[t.target, r.label(), _ms(r.full_ms), _ms(r.encode_ms), _ms(r.query_ms),
+             "-" if r.per_query_speedup is None else f"{r.per_query_speedup:.2f}×",
+             "-" if r.break_even is None else r.break_even,
+             "?" if r.context_bytes is None else f"{r.context_bytes:,}"]
+            for t in report.ran() for r in t.split_summary()]
+    if not rows:
+        return []
+    return ["<h2>Split model: encode once, query per question</h2>",
+            '<p class="small">p50 in ms. The query rows time the query graph against one '
+            "context, computed once and untimed beforehand.</p>",
+            _table(["target", "shape", "full graph", "encode", "query", "full / query",
+                    "queries to break even", "context bytes"], rows, left=2)]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _growth_table(report: ProfileReport) -> str:

@@ -81,11 +81,17 @@ def scale_weights(model_path: Path, factor: float = 1.05) -> None:
 def forge_wrong_model(root: Path, *, precision: str | None = None) -> str:
     """Swap in the scaled model, list its real hash, loosen every tolerance to 1000."""
     scale_weights(root / "model.onnx")
-    model_bytes = (root / "model.onnx").read_bytes()
+    forged = ["model.onnx"]
+    if (root / "model.xml").is_file():  # an OpenVINO bundle: forge the IR OpenVINO reads too
+        from qcexport.ir import ir_from_onnx
+
+        ir_from_onnx(root / "model.onnx", root)
+        forged += ["model.xml", "model.bin"]
 
     def edit(data):
-        data["files"]["model.onnx"] = {"sha256": hashlib.sha256(model_bytes).hexdigest(),
-                                       "bytes": len(model_bytes)}
+        for name in forged:
+            raw = (root / name).read_bytes()
+            data["files"][name] = {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
         for fields in data["tolerances"]["defaults"].values():
             fields.update(max_abs=1000.0, max_rel=1000.0, min_cosine=-1.0)
         data["tolerances"]["targets"] = {}

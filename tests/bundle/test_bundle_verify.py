@@ -23,7 +23,8 @@ def test_verify_a_copied_bundle_without_torch(bundle_copy, qcrun_no_torch, tmp_p
     report_path = tmp_path / "report.json"
     proc = qcrun_no_torch("verify", bundle_copy, "--json", report_path)
     assert proc.returncode == 0, proc.stderr
-    assert "files: all 7 match bundle.json (sha256)" in proc.stdout
+    # 9 files: model.xml and model.bin too, an OpenVINO bundle carries the IR
+    assert "files: all 9 match bundle.json (sha256)" in proc.stdout
     assert "3 passed, 0 failed, 0 skipped" in proc.stdout
     report = ParityReport.from_json(report_path.read_text())
     assert report.passed and report.targets == ["openvino-cpu"]

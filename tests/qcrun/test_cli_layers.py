@@ -106,8 +106,8 @@ def test_loading_the_qcexport_cli_loads_no_qcrun_cli():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {
-        "commands": ["bundle", "convert", "golden", "inspect", "keygen", "list", "parity",
-                     "profile", "quantize"],
+        "commands": ["bundle", "convert", "diff", "golden", "inspect", "ir", "keygen", "list",
+                     "matrix", "parity", "profile", "quantize"],
         "loaded": [],
     }
 

@@ -174,12 +174,12 @@ def test_policy_round_trips_and_rejects_unknowns():
     )
     assert policy.resolve("fp32", "ort-cpu", "pooled") == Tolerance(3e-4, 1e-4, 0.9)
     assert TolerancePolicy.from_dict(json.loads(json.dumps(dump(policy)))) == policy
-    with pytest.raises(UserError, match="unknown precision 'fp64'; valid precisions: fp16, fp32"):
+    with pytest.raises(UserError, match="unknown precision 'fp64'; valid precisions: bf16, fp16, fp32"):
         policy.resolve("fp64", "ort-cpu")
     with pytest.raises(UserError, match="unknown tolerance field 'atol'"):
         TolerancePolicy(outputs={"y": {"*": {"atol": 1}}})
-    with pytest.raises(UserError, match="unknown precision 'bf16'"):
-        TolerancePolicy(targets={"ort-cpu": {"bf16": {"max_abs": 1}}})
+    with pytest.raises(UserError, match="unknown precision 'fp8'"):  # bf16 is a precision now
+        TolerancePolicy(targets={"ort-cpu": {"fp8": {"max_abs": 1}}})
     with pytest.raises(UserError, match="unknown target 'cpu'"):
         policy.resolve("fp32", "cpu")
 

@@ -41,6 +41,8 @@ def inspect_command(model_dir: Path, target_name, golden_dir, cases, use_random,
     """
     from qcrun import diagnostics as diag
     from qcrun.engines import open_adapter
+    from qcrun.parity import LoadTime
+    from qcrun.schema import dump
 
     source = diag.open_source(model_dir)
     golden = None
@@ -55,7 +57,18 @@ def inspect_command(model_dir: Path, target_name, golden_dir, cases, use_random,
     if cases and golden is None:
         raise UserError("--case needs a golden set, and none was found",
                         hint="pass --golden DIR, or drop --case to feed random inputs")
-    with open_adapter(source.model, target_name) as session:
+    split = _split_info(source, golden, cases, sizes, seed, target_name)
+    if split is not None and not source.manifest.attention_maps:
+        # a split model without attention maps: its cut is what there is to show
+        click.echo("\n".join(split.describe()))
+        if json_path:
+            write_report(json_path, json.dumps({"source": str(model_dir), "split": dump(split)},
+                                               indent=1) + "\n")
+            click.echo(f"wrote {json_path}")
+        return
+    with open_adapter(source.model_for(target_name), target_name) as session:
+        load = LoadTime(session.model_path.name, round(session.load_seconds, 4),
+                        session.cache_state)
         descriptor = diag.require_maps(source.manifest, [o.name for o in session.outputs],
                                        str(model_dir))
         if golden is not None:
@@ -70,8 +83,34 @@ def inspect_command(model_dir: Path, target_name, golden_dir, cases, use_random,
     analysis = diag.analyse(descriptor, runs, sweep=sweep, sample=sample, threshold=threshold,
                             grid=diag.parse_grid(grid), source=f"{model_dir} on {target_name}")
     analysis["inputs"] = fed
-    click.echo(f"{model_dir} on {target_name}, {fed}")
+    analysis["load"] = dump(load)
+    if split is not None:
+        analysis["split"] = dump(split)
+    click.echo(f"{model_dir} on {target_name}, {fed}; loaded in {load.describe()}")
     click.echo(diag.format_summary(analysis))
+    if split is not None:
+        click.echo("\n".join(split.describe()))
     if json_path:
         write_report(json_path, json.dumps(analysis, indent=1) + "\n")
         click.echo(f"wrote {json_path}")
+
+
+def _split_info(source, golden, cases, sizes, seed, target: str):
+    """A split model's cut (``qcrun.context.SplitInfo``), one context per golden case, or
+    at the --size axes (synthetic inputs, the first golden case setting the other axes); None
+    for a model that is not split."""
+    from qcrun import diagnostics as diag
+    from qcrun.context import describe_split
+    from qcrun.inputs import make_inputs
+
+    if source.manifest.split is None:
+        return None
+    given = diag.parse_sizes(sizes)
+    if golden is not None and not given:
+        feeds = diag.golden_feeds(golden, cases)
+    else:
+        template = golden.cases[0].inputs if golden is not None and golden.cases else None
+        label = " ".join(f"{k}={v}" for k, v in given.items()) or f"random inputs (seed {seed})"
+        feeds = [(label, make_inputs(source.manifest.input_specs(), given, seed,
+                                     template=template))]
+    return describe_split(source.checked, feeds, target)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from qcrun.clikit import execute_profile, profile_options, targets_option
+from qcrun.clikit import cell_option, execute_profile, profile_options, targets_option
 
 
 @click.command("profile")
@@ -14,6 +14,7 @@ from qcrun.clikit import execute_profile, profile_options, targets_option
 @targets_option("Target to profile on (repeatable, or comma-separated); an unavailable one "
                 "is skipped with the reason.", required=True)
 @profile_options
+@cell_option("profile")
 def profile_command(model_dir: Path, target_names, **settings):
     """Latency of MODEL_DIR/model.onnx on each --target: percentiles, per-op time, FLOP/s.
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from qcrun.clikit import (
+    cell_option,
     golden_option,
     json_file_option,
     junit_option,
@@ -37,7 +38,15 @@ from qcrun.parity import NOT_RUN_CODES, name_list, policy_for, required_targets,
     "precision. A model directory's own manifest never sets its tolerances."
 )
 @json_file_option()
+@cell_option("verify")
 @junit_option()
+@click.option("--localize", is_flag=True,
+              help="Model directories: also name the first PyTorch module whose output breaks "
+              "the policy on each target, against the module outputs stored with the golden "
+              "set (`qcexport golden --with-intermediates`); no torch needed.")
+@click.option("--against", "against", metavar="TARGET",
+              help="With --localize: compare with this target's module outputs instead (two "
+              "runtimes on the same model, the kernel tolerances).")
 @click.option(
     "--cache-dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -62,7 +71,7 @@ from qcrun.parity import NOT_RUN_CODES, name_list, policy_for, required_targets,
     "(pins a bundle without keys).",
 )
 def verify(model_dir: Path, target_names, optional, golden_dir, policy_file, json_path,
-           junit_path, cache_dir, trusted_keys, expect_sha256):
+           junit_path, localize, against, cache_dir, trusted_keys, expect_sha256):
     """Check MODEL_DIR/model.onnx (or a bundle) against its golden set on each --target.
 
     MODEL_DIR may be a bundle directory or .tar.gz written by `qcexport bundle`: every file's
@@ -75,6 +84,9 @@ def verify(model_dir: Path, target_names, optional, golden_dir, policy_file, jso
     """
     from qcrun.bundle import is_bundle
 
+    if is_bundle(model_dir) and (localize or against):
+        raise UserError("--localize works on a model directory, not a bundle", stage="localize",
+                        hint="run it on the model directory the bundle was made from")
     if is_bundle(model_dir):
         _verify_bundle(model_dir, target_names, golden_dir, json_path, junit_path, cache_dir,
                        optional=optional, policy_file=policy_file, trusted_keys=trusted_keys,
@@ -102,7 +114,7 @@ def verify(model_dir: Path, target_names, optional, golden_dir, policy_file, jso
     policy = policy_for(model.precision, policy_file=policy_file)
     names = name_list(target_names)
     report = run_parity(
-        model.model,
+        model.model_files(),  # OpenVINO targets read the IR when the directory has one
         golden,
         names,
         policy,
@@ -112,7 +124,21 @@ def verify(model_dir: Path, target_names, optional, golden_dir, policy_file, jso
         optional=optional,
         attention_form=model.attention,  # the graph's form (the manifest's was checked)
     )
+    if localize or against:
+        _localize(model, golden, names, policy, against)
     _finish_verify(report, json_path, junit_path)
+
+
+def _localize(model, golden, names, policy, against) -> None:
+    """Where each target diverges, module by module; parity's verdict stays the exit
+    status."""
+    from qcrun.localize import Case, StoredReference, format_table, localize_with
+
+    cases = [Case(c.name, c.inputs, c.outputs) for c in golden.cases]
+    reference = against or StoredReference(golden)
+    click.echo(f"localisation (module outputs against {against or StoredReference.name}):")
+    report = localize_with(model.model, names, cases, reference, policy, model.precision)
+    click.echo(format_table(report) + "\n")
 
 
 def _read_model_dir(model_dir: Path, stage: str = "verify"):
@@ -121,12 +147,51 @@ def _read_model_dir(model_dir: Path, stage: str = "verify"):
     return read_model_dir(model_dir, stage=stage, required=("mechanism",))
 
 
+def _openvino_lines(bundle, check) -> list[str]:
+    """What the bundle carries for OpenVINO: IR, fixed axes, the compiled-model cache (whose
+    damage is a note, not a failure: the IR is compiled instead, which only takes longer)."""
+    lines = []
+    ov = bundle.spec.openvino
+    if ov is not None:
+        times = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in ov.host_load_s.items())
+        lines.append(f"openvino: IR {ov.xml}; compiled-model cache: {bundle.cache_state()}"
+                     + (f" (load on the host: {times})" if times else ""))
+        lines += [f"note: compiled-model cache {p.describe()}: the IR is compiled instead "
+                  "(slower load, same results)" for p in check.cache_problems]
+    if bundle.fixed_axes:
+        skipped = bundle.spec.fixed_axes.skipped_cases
+        lines.append("fixed axes: " + ", ".join(f"{a}={v}" for a, v in bundle.fixed_axes.items())
+                     + "".join(f"; left out {n}: {w}" for n, w in skipped.items()))
+    return lines
+
+
+def _time_uncached_loads(report, bundle, cache_dir) -> None:
+    """For each target that loaded from the bundle's compiled-model cache, one load without
+    it (compiling the IR), so the report says what the cache saves on this device."""
+    from dataclasses import replace
+
+    from qcrun.engines import adapter_for, model_file
+
+    for name, load in list(report.loads.items()):
+        if load.cache != "used":
+            continue
+        options = {k: v for k, v in bundle.adapter_options(name, cache_dir).items()
+                   if k not in ("compiled_blob", "compiled_config")}
+        path = model_file(bundle.model_files(), name)
+        with adapter_for(path, name, precision=bundle.precision, **options) as adapter:
+            report.loads[name] = replace(load, uncached_s=round(adapter.load_seconds, 4))
+
+
 def _finish_verify(report, json_path, junit_path) -> None:
+    from qcrun.cell import report_json
+
     if json_path:
-        write_report(json_path, report.to_json())
+        write_report(json_path, report_json(report.to_dict()))
     if junit_path:
         write_report(junit_path, report.to_junit_xml())
     click.echo(report.format_matrix())
+    for name, load in report.loads.items():
+        click.echo(f"load on {name}: {load.describe()}")
     if not report.passed:
         unavailable = all(r.code in NOT_RUN_CODES for r in report.failures())
         raise UserError(
@@ -159,6 +224,8 @@ def _verify_bundle(path: Path, target_names, golden_dir, json_path, junit_path, 
         click.echo(bundle.policy_line(policy_file))
         for extra in check.extra:
             click.echo(f"note: {extra} is not part of the bundle (ignored)")
+        for line in _openvino_lines(bundle, check):
+            click.echo(line)
         names = name_list(target_names) or [bundle.target]
         for name in names:
             bundle.require_compatible(name)
@@ -167,7 +234,7 @@ def _verify_bundle(path: Path, target_names, golden_dir, json_path, junit_path, 
                            f"reads its form ({bundle.attention!r}, opset {bundle.opset})")
         golden = load_golden(bundle.golden_path)
         report = run_parity(
-            bundle.model_path,
+            bundle.model_files(),  # OpenVINO targets read the IR the bundle carries
             golden,
             names,
             bundle.judging_policy(policy_file),
@@ -180,5 +247,6 @@ def _verify_bundle(path: Path, target_names, golden_dir, json_path, junit_path, 
         )
         report.model = f"{path} ({bundle.spec.model})"
         report.golden = f"{path} ({bundle.spec.golden}, {len(golden.cases)} cases)"
+        _time_uncached_loads(report, bundle, cache_dir)
         click.echo("")
         _finish_verify(report, json_path, junit_path)

@@ -49,6 +49,7 @@ __all__ = [
     "engine_of",
     "get_engine",
     "import_engine",
+    "model_file",
     "observe_shapes",
     "open_adapter",
 ]
@@ -91,6 +92,14 @@ def open_adapter(model_path: str | Path, target_name: str | Target, **options: A
     if not ok:
         raise TargetUnavailable(f"target {target.name} is unavailable: {reason}", stage="load")
     return adapter_for(model_path, target, **options).load()
+
+
+def model_file(files, target: str | Target) -> Path:
+    """The file of ``files`` (``qcrun.ir.ModelFiles``: ONNX and/or OpenVINO IR) that
+    ``target``'s engine reads, by the engine's ``formats``; a UserError where it reads none."""
+    target = get_target(target)
+    engine = engine_of(target)
+    return files.pick(target, engine.name, engine.formats)
 
 
 def observe_shapes(model_path: str | Path, feed: Mapping[str, Any]) -> ObservedShapes:

@@ -19,6 +19,7 @@ the adapter, profiling hooks and shape observation. One module per engine implem
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from qcrun.choices import PRECISIONS
 from qcrun.errors import INSTALL_HINTS, UserError, unknown_choice
 from qcrun.targets import Target, get_target
 
@@ -91,6 +93,15 @@ class ObservedShapes:
         return any(n.name in self.executed and n.name not in self.ambiguous for n in graph.node)
 
 
+@dataclass(frozen=True, eq=False)
+class Held:
+    """Inputs held for many runs: the arrays (checked against the model's inputs on every
+    run) and the same values in the engine's own form (fed to the engine)."""
+
+    arrays: Mapping[str, np.ndarray]
+    engine: Mapping[str, Any]
+
+
 class Adapter:
     """Base runner: the lifecycle, option checking and feed validation shared by all engines."""
 
@@ -98,10 +109,21 @@ class Adapter:
     known_options: ClassVar[frozenset[str]] = frozenset()
     #: How concurrent ``run`` calls are served, in words (``qcrun.Model.concurrency``).
     concurrency: ClassVar[str] = "calls serialised by a lock"
+    #: A compiled-model cache: "none", "used", or "not used: <why>" (engines that keep one).
+    cache_state: str = "none"
+    #: Seconds the last ``load()`` took (read, compile or import); None before one.
+    load_seconds: float | None = None
 
     def __init__(self, model_path: str | Path, target: str | Target, **options: Any):
         self.model_path = Path(model_path)
         self.target = get_target(target)
+        # The declared precision of the model (its manifest's): engines with an inference
+        # precision setting are pinned to it, never left to their default. A bare model file
+        # is computed as fp32 is: the graph's own types, float operations in fp32.
+        precision = options.pop("precision", None) or "fp32"
+        if precision not in PRECISIONS:
+            raise unknown_choice("precision", precision, PRECISIONS)
+        self.precision: str = precision
         self.options = {**self.target.options, **options}
         self._inputs: list[TensorInfo] | None = None
         self._outputs: list[TensorInfo] | None = None
@@ -125,6 +147,7 @@ class Adapter:
                 stage="load",
                 hint="pass the path of an exported .onnx file",
             )
+        started = time.perf_counter()
         try:
             inputs, outputs = self._load()
         except UserError:
@@ -136,6 +159,7 @@ class Adapter:
                 stage="load",
             ) from e
         self._inputs, self._outputs = inputs, outputs
+        self.load_seconds = time.perf_counter() - started
         return self
 
     def close(self) -> None:
@@ -167,7 +191,22 @@ class Adapter:
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one feed; returns every output by its model name."""
         self._require_loaded()
-        checked = self.check_feed(feed)
+        return self._run_checked(self.check_feed(feed))
+
+    def hold(self, arrays: Mapping[str, np.ndarray]) -> Held:
+        """``arrays`` (inputs by name) kept for many runs (a split model's context), in the
+        form the engine reads without a copy per run where it has one; by default the arrays
+        themselves."""
+        return Held(dict(arrays), dict(arrays))
+
+    def run_held(self, feed: Mapping[str, np.ndarray], held: Held) -> dict[str, np.ndarray]:
+        """``run`` with some inputs given by :meth:`hold` (checked like any input)."""
+        self._require_loaded()
+        checked = self.check_feed({**feed, **held.arrays})
+        checked.update(held.engine)
+        return self._run_checked(checked)
+
+    def _run_checked(self, checked: dict[str, Any]) -> dict[str, np.ndarray]:
         try:
             return self._run(checked)
         except UserError:
@@ -216,6 +255,14 @@ class Adapter:
         """The options the loaded engine reports (threads, hints, providers), and its thread
         count; nothing for an engine that reports none."""
         return {}, None
+
+    def inference_precision(self) -> str | None:
+        """The precision the loaded engine computes floating-point operations in, read back
+        from the engine (a name of ``qcrun.choices.PRECISIONS``: fp32, bf16, fp16); None for
+        an engine without such a setting, which computes each operation in the graph's own
+        types. An engine that has one is pinned to the declared precision at load and refuses
+        to load when it reports another, so no run computes an undeclared precision."""
+        return None
 
     def _require_loaded(self) -> None:
         if not self.is_loaded:
@@ -266,6 +313,8 @@ class Engine:
 
     name: ClassVar[str] = ""
     adapter: ClassVar[type[Adapter]] = Adapter
+    #: The model formats the engine reads, preferred first ("onnx", "ir": OpenVINO IR).
+    formats: ClassVar[tuple[str, ...]] = ("onnx",)
 
     def availability(self, target: Target) -> tuple[bool, str]:
         """Whether ``target`` can run here, and why (or why not), in words a user can act on."""
@@ -296,6 +345,14 @@ class Engine:
     def observe_shapes(self, model_path: str | Path,
                        feed: Mapping[str, Any]) -> ObservedShapes | None:
         """Every tensor's real shape after one run, or None when the engine cannot tell."""
+        return None
+
+    def write_compiled_cache(self, model_path: str | Path, target: Target,
+                             options: Mapping[str, Any], out: Path) -> dict[str, Any] | None:
+        """Compile the model as an adapter with ``options`` would and write the compiled model
+        to ``out``; returns the settings it depends on (an adapter given them back as
+        ``compiled_config`` with ``compiled_blob`` uses it only when they are its own), or
+        None when the engine keeps no compiled-model cache."""
         return None
 
     def providers(self, target: Target, *, input_shapes: Mapping[str, Sequence[Dim]],

@@ -132,6 +132,8 @@ class OrtAdapter(Adapter):
             "cache_dir",  # engine and timing caches; default default_cache_dir()/<target>
             "profile_shapes",
             "profile_feeds",
+            "fix_axes",  # {symbolic axis: size}: free-dimension overrides
+            "input_shapes",  # the spec's shapes (read by engines that keep no axis names)
         }
     )
 
@@ -149,6 +151,9 @@ class OrtAdapter(Adapter):
         threads = self.options.get("intra_op_threads")
         if threads:
             options.intra_op_num_threads = int(threads)
+        # Fixed shapes let the optimiser plan for one size instead of symbolic axes.
+        for axis, size in (self.options.get("fix_axes") or {}).items():
+            options.add_free_dimension_override_by_name(axis, int(size))
         return options
 
     def _providers(self, ort) -> list:

@@ -16,7 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from qcrun.engines.base import Adapter, Dim, Engine, TensorInfo, missing
+from qcrun.choices import FLOAT_PRECISION
+from qcrun.engines.base import (
+    Adapter,
+    Dim,
+    Engine,
+    Held,
+    TargetUnavailable,
+    TensorInfo,
+    missing,
+)
 from qcrun.errors import import_engine
 from qcrun.profiling.provenance import Provenance, Tracer
 from qcrun.profiling.records import NodeTime, OpBreakdown
@@ -28,15 +37,20 @@ NAME = "openvino"
 class OpenVinoAdapter(Adapter):
     """OpenVINO ``Core.read_model`` + ``compile_model`` on the target's device.
 
-    ``accuracy`` (default on) sets ``EXECUTION_MODE_HINT=ACCURACY``: Intel GPUs otherwise run
-    fp32 models in f16. Input and output names are the ONNX names read before compilation;
+    ``INFERENCE_PRECISION_HINT`` is always set from the declared precision (``precision``)
+    and read back after compilation: on CPUs with AVX-512 BF16 or AMX the CPU plugin computes
+    fp32 models in bf16 by default, and Intel GPUs in f16. A compiled model that reports
+    another precision than the one asked for is refused (``TargetUnavailable``), so that no
+    run times or judges an undeclared precision. ``accuracy`` (default on) also sets
+    ``EXECUTION_MODE_HINT=ACCURACY``. Input and output names are the ONNX names read before compilation;
     compiled ports are matched through all their names, because compilation can merge a no-op
     Cast into an input and change the name it reports first.
     """
 
     engine = NAME
     concurrency = "one InferRequest per concurrent call, from a pool"
-    known_options = frozenset({"accuracy", "num_threads", "config"})
+    known_options = frozenset({"accuracy", "num_threads", "config", "fix_axes", "input_shapes",
+                               "compiled_blob", "compiled_config"})
 
     def __init__(self, model_path, target, **options):
         super().__init__(model_path, target, **options)
@@ -46,9 +60,12 @@ class OpenVinoAdapter(Adapter):
         self._pool: queue.SimpleQueue = queue.SimpleQueue()
         self._created = 0
         self._count_lock = threading.Lock()
+        self._inference: str | None = None
+        self._blob = None  # the mapped compiled model, kept while the imported model lives
+        self.cache_state = "none"  # the compiled-model cache: none | used | not used: why
 
     def _config(self) -> dict[str, Any]:
-        config = {}
+        config = {"INFERENCE_PRECISION_HINT": _hint(self.precision, self.target.device)}
         if self.options.get("accuracy", True):
             config["EXECUTION_MODE_HINT"] = "ACCURACY"
         if self.options.get("num_threads"):
@@ -59,10 +76,42 @@ class OpenVinoAdapter(Adapter):
     def _load(self):
         ov = import_engine("openvino")
         core = ov.Core()
-        return self._compile(core, core.read_model(str(self.model_path)))
+        imported = self._import(core)
+        if imported is not None:
+            return self._compile(core, None, imported)
+        model = core.read_model(str(self.model_path))
+        shapes = _fixed_port_shapes(model, self.options)
+        if shapes:
+            model.reshape(shapes)
+        return self._compile(core, model)
 
-    def _compile(self, core, model):
-        compiled = core.compile_model(model, self.target.device, self._config())
+    def _import(self, core):
+        """The compiled model from the bundle's compiled-model cache (``compiled_blob``, whose
+        hash the bundle checked), when it was compiled with this adapter's settings; else None
+        and ``cache_state`` says why: a cache only ever saves time."""
+        blob = self.options.get("compiled_blob")
+        if not blob:
+            self.cache_state = "none"
+            return None
+        wanted = cache_settings(self._config(), self.options.get("fix_axes"), self.target.device)
+        if dict(self.options.get("compiled_config") or {}) != wanted:
+            self.cache_state = ("not used: compiled with other settings "
+                                f"({self.options.get('compiled_config')}, not {wanted})")
+            return None
+        try:
+            self._blob = _mapped_blob(blob)
+            return core.import_model(self._blob, self.target.device, self._config())
+        except Exception as e:  # another OpenVINO version or CPU: compile from the IR instead
+            self._blob = None
+            self.cache_state = f"not used: OpenVINO refused it ({' '.join(str(e).split())[:200]})"
+            return None
+
+    def _compile(self, core, model, imported=None):
+        compiled = imported or core.compile_model(model, self.target.device, self._config())
+        if imported is not None:
+            self.cache_state = "used"
+            model = compiled  # an imported model's ports carry the model's names
+        self._check_precision(compiled)
         inputs, self._in_ports = _match_ports(model.inputs, compiled.inputs)
         outputs, self._out_ports = _match_ports(model.outputs, compiled.outputs)
         self._compiled = compiled
@@ -70,6 +119,22 @@ class OpenVinoAdapter(Adapter):
         self._pool.put(compiled.create_infer_request())
         self._created = 1
         return inputs, outputs
+
+    def _check_precision(self, compiled) -> None:
+        wanted = _hint(self.precision, self.target.device)
+        got = _read_hint(compiled)
+        if got != wanted:
+            raise TargetUnavailable(
+                f"{self.target.name}: OpenVINO compiled {self.model_path.name} to compute in "
+                f"{got}, not the {wanted} that its declared precision {self.precision} asks "
+                f"for (this {self.target.device} device cannot compute {wanted}, or an option "
+                "overrode INFERENCE_PRECISION_HINT)", stage="load",
+                hint="run the fp32 model here, or the declared precision on a device that "
+                "computes it (bf16: a CPU with AVX-512 BF16 or AMX)")
+        self._inference = _PRECISION_NAMES[got]
+
+    def inference_precision(self) -> str | None:
+        return self._inference if self._compiled is not None else None
 
     @property
     def requests_created(self) -> int:
@@ -96,8 +161,16 @@ class OpenVinoAdapter(Adapter):
         finally:
             self._release(request)
 
+    def hold(self, arrays):
+        """OpenVINO tensors over the arrays' memory: a run sets them on its request as they
+        are, where a numpy input is copied into the request's own tensor on every run."""
+        ov = import_engine("openvino")
+        kept = {k: np.ascontiguousarray(v) if np.ndim(v) else np.asarray(v)
+                for k, v in arrays.items()}
+        return Held(kept, {k: ov.Tensor(v, shared_memory=True) for k, v in kept.items()})
+
     def _close(self):
-        self._compiled = None
+        self._compiled = self._blob = None
         self._in_ports, self._out_ports = {}, {}
         self._pool = queue.SimpleQueue()
 
@@ -121,6 +194,25 @@ class OpenVinoAdapter(Adapter):
         return values, threads
 
 
+#: OpenVINO's element type names of the inference precisions, and qcrun's names for them.
+_PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+
+
+def _hint(precision: str, device: str | None) -> str:
+    """The ``INFERENCE_PRECISION_HINT`` for a model declared ``precision``: its float
+    operations' precision (``FLOAT_PRECISION``). An fp16 graph on a CPU is computed in f32 (the
+    CPU plugin turns an f16 hint into bf16 on CPUs without fp16 arithmetic)."""
+    wanted = FLOAT_PRECISION[precision]
+    if wanted == "fp16" and device != "GPU":
+        wanted = "fp32"
+    return {v: k for k, v in _PRECISION_NAMES.items()}[wanted]
+
+
+def _read_hint(compiled) -> str:
+    value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+
+
 _PROPERTIES = (
     "PERFORMANCE_HINT",
     "EXECUTION_MODE_HINT",
@@ -131,6 +223,40 @@ _PROPERTIES = (
     "ENABLE_CPU_PINNING",
     "PERF_COUNT",
 )
+
+
+def cache_settings(config: Mapping[str, Any], fix_axes, device: str | None) -> dict[str, Any]:
+    """What a compiled model depends on besides the IR: the compile config, the fixed axes
+    and the device. A compiled-model cache is used only when these are the adapter's."""
+    return {"config": {k: str(v) for k, v in sorted(config.items())},
+            "fix_axes": dict(sorted((fix_axes or {}).items())), "device": device}
+
+
+def _mapped_blob(path):
+    """A compiled model's file as an OpenVINO tensor over a private memory map. Importing
+    ``bytes`` copied the whole blob (weights included) three times: into Python, into a
+    stream, into the plugin, and made a cached load slower than compiling the IR; over a map
+    the plugin reads the pages it needs in place, and copy-on-write keeps the file as it is."""
+    ov = import_engine("openvino")
+    return ov.Tensor(np.memmap(path, dtype=np.uint8, mode="c"), shared_memory=True)
+
+
+def _fixed_port_shapes(model, options: Mapping[str, Any]) -> dict[Any, Any]:
+    """``model.reshape`` argument fixing the axes of ``fix_axes`` (label -> size): OpenVINO
+    keeps no axis names, so the positions come from ``input_shapes`` (the spec's shapes)."""
+    fix, specs = options.get("fix_axes") or {}, options.get("input_shapes") or {}
+    if not fix:
+        return {}
+    shapes = {}
+    for port in model.inputs:
+        spec = next((specs[n] for n in port.get_names() if n in specs), None)
+        if spec is None or not any(isinstance(d, str) and d in fix for d in spec):
+            continue
+        current = port.get_partial_shape()
+        dims = [fix[d] if isinstance(d, str) and d in fix else current[i]
+                for i, d in enumerate(spec)]
+        shapes[port] = type(current)(dims)
+    return shapes
 
 
 def _match_ports(model_ports, compiled_ports) -> tuple[list[TensorInfo], dict[str, Any]]:
@@ -282,6 +408,16 @@ def _tracer(adapter: OvProfilingAdapter, prov: Provenance) -> Tracer:
 class OpenVinoEngine(Engine):
     name = NAME
     adapter = OpenVinoAdapter
+    formats = ("ir", "onnx")  # IR: no ONNX parsing and conversion at every load
+
+    def write_compiled_cache(self, model_path, target, options, out):
+        with self.open(model_path, target, **options) as adapter:
+            blob = adapter._compiled.export_model()
+            data = blob.getvalue() if hasattr(blob, "getvalue") else bytes(blob)
+            settings = cache_settings(adapter._config(), options.get("fix_axes"), target.device)
+        with open(out, "wb") as f:
+            f.write(data)
+        return settings
 
     def availability(self, target: Target) -> tuple[bool, str]:
         try:
@@ -309,7 +445,8 @@ class OpenVinoEngine(Engine):
         return True, f"OpenVINO {version} on {', '.join(matching)}"
 
     def profile_options(self, target, *, threads, accuracy):
-        # Profiles use OpenVINO's performance defaults unless asked for parity's ACCURACY.
+        # Profiles use OpenVINO's performance mode unless asked for parity's ACCURACY; the
+        # inference precision is the declared one either way (the adapter pins it).
         options: dict[str, Any] = {"accuracy": accuracy}
         if threads:
             options["num_threads"] = threads
@@ -319,13 +456,6 @@ class OpenVinoEngine(Engine):
         with OvProfilingAdapter(model_path, target, **options) as adapter:
             return _breakdown(adapter, prov, warmup, runs, point, adapter.check_feed(feed))
 
-    def profile_warnings(self, reported, precision):
-        hint = str(reported.get("INFERENCE_PRECISION_HINT", "")).lower()
-        if precision in (None, "fp32") and hint and "f32" not in hint:
-            return [f"OpenVINO computes this fp32 model in {hint} (its performance default on "
-                    "this CPU): timings are for reduced precision, and parity runs (ACCURACY) "
-                    "are slower; pass --accuracy for fp32 timings"]
-        return []
 
 
 ENGINE = OpenVinoEngine()

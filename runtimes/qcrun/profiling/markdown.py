@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 
 def render_markdown(report: ProfileReport, *, top: int, module_depth: int | None) -> str:
     """``report`` as Markdown, with the ``top`` op types and modules per target."""
-    lines = _header(report) + _latency_table(report) + _target_table(report)
-    lines += _growth_table(report)
+    lines = _header(report) + _latency_table(report) + _split_table(report)
+    lines += _target_table(report) + _growth_table(report)
     for t in report.skipped() + report.failed():
         lines += ["", f"**{t.target} {t.status}:** {t.reason}"]
     lines += _op_tables(report, top, module_depth) + _warnings(report)
@@ -54,7 +54,7 @@ def _latency_table(report: ProfileReport) -> list[str]:
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
               "---: | ---: | ---: |"]
     for t in report.ran():
-        for p in t.points:
+        for p in t.rows():
             s = p.stats
             if s is None:
                 lines.append(f"| {t.target} | {p.label()} | failed: {p.error} |" + " |" * 11)
@@ -74,20 +74,42 @@ def _latency_table(report: ProfileReport) -> list[str]:
     return lines
 
 
+def _split_table(report: ProfileReport) -> list[str]:
+    """A split model's graphs side by side per target and shape (``TargetProfile.split``)."""
+    rows = [(t.target, r) for t in report.ran() for r in t.split_summary()]
+    if not rows:
+        return []
+    lines = ["", "Split model: the context graph runs once per image (encode), the query graph "
+             "once per question against that context (computed once, untimed, for its rows).",
+             "", "| target | shape | full graph p50 | encode p50 | query p50 | full / query | "
+             "queries to break even | one context |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in rows:
+        speedup = r.per_query_speedup
+        lines.append(
+            f"| {name} | {r.label()} | {_num(r.full_ms, '{:.3f}')} | "
+            f"{_num(r.encode_ms, '{:.3f}')} | {_num(r.query_ms, '{:.3f}')} | "
+            f"{_num(speedup, '{:.2f}x')} | {_num(r.break_even, '{}')} | "
+            f"{_bytes(r.context_bytes)} |")
+    return lines
+
+
 def _target_table(report: ProfileReport) -> list[str]:
     """One row per target: load time, threads, memory, GEMM peak, options."""
     lines: list[str] = []
     lines += ["", "Times in ms. GFLOP: matrix FLOPs (multiply-add = 2) of the graph at that "
               "shape; % GEMM peak: achieved FLOP/s (FLOPs / p50) over the engine's measured "
               "fp32 GEMM rate.", ""]
-    lines += ["| target | load s | threads | peak RSS | RSS after load | GEMM peak | "
-              "options |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines += ["| target | load s | computes in | threads | peak RSS | RSS after load | "
+              "GEMM peak | options |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
     for t in report.ran():
         peak = t.gemm_peak
         gemm = f"{peak.flops_per_s / 1e9:.1f} GFLOP/s ({peak.size}^3)" if peak else "-"
         mem = t.memory
         lines.append(
-            f"| {t.target} | {_num(t.load_s, '{:.3f}')} | {t.threads or '?'} | "
+            f"| {t.target} | {_num(t.load_s, '{:.3f}')}"
+            f"{f' ({t.model_file})' if t.model_file else ''} | "
+            f"{t.inference_precision or 'graph types'} | {t.threads or '?'} | "
             f"{_bytes(mem.get('peak_rss_bytes'))} | {_bytes(mem.get('rss_after_load_bytes'))} "
             f"| {gemm} | {_options_text(t.engine_options)} |"
         )
@@ -135,7 +157,7 @@ def _warnings(report: ProfileReport) -> list[str]:
     """Every warning of the report, its targets and its points."""
     lines: list[str] = []
     notes = report.warnings + [f"{t.target}: {w}" for t in report.targets for w in t.warnings]
-    notes += [f"{t.target} {p.label()}: {w}" for t in report.targets for p in t.points
+    notes += [f"{t.target} {p.label()}: {w}" for t in report.targets for p in t.rows()
               for w in p.warnings]
     if notes:
         lines += ["", "Warnings:", ""] + [f"- {w}" for w in notes]

@@ -10,9 +10,10 @@ each class's ``DERIVED`` and written for readers, and ignored when read back.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from qcrun.errors import UserError
 from qcrun.latency import Growth, LatencyStats, SweepPoint, fit_growth, summarize
@@ -25,6 +26,12 @@ DEFAULT_MODULE_DEPTH = 2
 TOP_LEVEL = "(top level)"
 NO_METADATA = "(no module metadata)"
 ENGINE_INTERNAL = "(engine-internal)"
+#: What a latency row timed: the model as one graph, or a split model's context graph (one
+#: ``encode``) or query graph (one ``query`` against a context computed once, untimed).
+FULL, CONTEXT, QUERY = "full", "context", "query"
+Graph = Literal["full", "context", "query"]
+GRAPHS = {FULL: "full graph", CONTEXT: "encode: context graph",
+          QUERY: "query: cached context"}
 
 
 def plain(value):
@@ -179,6 +186,10 @@ class PointResult:
     peak_flops_per_s: float | None = None
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
+    # which graph of a split model was timed (``GRAPHS``); "full" for every unsplit model
+    graph: Graph = FULL
+    # bytes of one context (the boundary tensors) at this shape: context and query rows only
+    context_bytes: int | None = None
 
     @property
     def stats(self) -> LatencyStats | None:
@@ -199,6 +210,45 @@ class PointResult:
         return achieved / self.peak_flops_per_s
 
     def label(self) -> str:
+        """The shape, and for a split model's context and query rows the graph timed."""
+        shape = SweepPoint.of(self.sizes).label()
+        return shape if self.graph == FULL else f"{shape} [{GRAPHS[self.graph]}]"
+
+
+@dataclass(frozen=True)
+class SplitRow:
+    """One shape of a split model on one target: p50 of the full graph, of the context graph
+    (``encode``: once per image) and of the query graph against a cached context (per query).
+
+    ``per_query_speedup`` is full / query; ``break_even`` the fewest queries per image for
+    which encode once + N queries beats N full runs (None: the query is not faster)."""
+
+    DERIVED: ClassVar[dict[str, Callable]] = {
+        "per_query_speedup": lambda r: r.per_query_speedup,
+        "break_even": lambda r: r.break_even,
+    }
+
+    sizes: dict[str, int]
+    full_ms: float | None
+    encode_ms: float | None
+    query_ms: float | None
+    context_bytes: int | None
+
+    @property
+    def per_query_speedup(self) -> float | None:
+        if self.full_ms is None or not self.query_ms:
+            return None
+        return self.full_ms / self.query_ms
+
+    @property
+    def break_even(self) -> int | None:
+        if None in (self.full_ms, self.encode_ms, self.query_ms) \
+                or self.query_ms >= self.full_ms:
+            return None
+        # smallest N with encode + N * query < N * full
+        return math.floor(self.encode_ms / (self.full_ms - self.query_ms)) + 1
+
+    def label(self) -> str:
         return SweepPoint.of(self.sizes).label()
 
 
@@ -207,7 +257,8 @@ class TargetProfile:
     """Everything measured on one target; ``status`` ok, skipped (with the reason) or failed."""
 
     WRITE_NULLS: ClassVar[bool] = True
-    DERIVED: ClassVar[dict[str, Callable]] = {"growth": lambda t: t.growth()}
+    DERIVED: ClassVar[dict[str, Callable]] = {"growth": lambda t: t.growth(),
+                                              "split": lambda t: t.split_summary()}
 
     target: str
     engine: str
@@ -216,12 +267,20 @@ class TargetProfile:
     load_s: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
     engine_options: dict[str, Any] = field(default_factory=dict)
+    # what the engine computed floating-point operations in, read back from it after loading
+    # (None: the engine computes the graph's own types)
+    inference_precision: str | None = None
     threads: int | None = None
     memory: dict[str, Any] = field(default_factory=dict)
     gemm_peak: GemmPeak | None = None
+    # the file the engine read (model.onnx, or OpenVINO's model.xml); None in older reports
+    model_file: str | None = None
     points: list[PointResult] = field(default_factory=list)
     ops: OpBreakdown | None = None
     warnings: list[str] = field(default_factory=list)
+    # a split model's context graph (encode) and query graph (cached context) rows, per shape;
+    # ``points`` stays the model as one graph, which the growth fits and plots read
+    split_points: list[PointResult] = field(default_factory=list)
 
     def __post_init__(self):
         self.options = plain(self.options)
@@ -229,6 +288,23 @@ class TargetProfile:
 
     def growth(self) -> list[Growth]:
         return fit_growth((p.sizes, p.stats.p50_ms) for p in self.points if p.stats)
+
+    def rows(self) -> list[PointResult]:
+        """Every timed row, a shape's context and query rows after its full-graph row."""
+        order = {SweepPoint.of(p.sizes): i for i, p in enumerate(self.points)}
+        return sorted([*self.points, *self.split_points], key=lambda p: (
+            order.get(SweepPoint.of(p.sizes), len(order)), list(GRAPHS).index(p.graph)))
+
+    def split_summary(self) -> list[SplitRow]:
+        """Per shape of a split model: full graph, encode and per-query p50 side by side."""
+        def p50(graph: str, sizes) -> float | None:
+            rows = self.points if graph == FULL else self.split_points
+            found = [p for p in rows if p.graph == graph and p.sizes == sizes and p.stats]
+            return found[0].stats.p50_ms if found else None
+
+        shapes = [p for p in self.split_points if p.graph == CONTEXT]
+        return [SplitRow(p.sizes, p50(FULL, p.sizes), p50(CONTEXT, p.sizes),
+                         p50(QUERY, p.sizes), p.context_bytes) for p in shapes]
 
 
 @dataclass
