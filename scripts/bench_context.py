@@ -38,6 +38,9 @@ TARGETS = {
     # new output queries against cached latents, one set of queries per call
     "perceiver-io": (1, {257: 5.0, 1025: 5.0}, "step", {}),
 }
+#: The case parameter that differs between the queries about one image (routing: N tasks,
+#: each query a different task, so the full graph takes each task's branches).
+VARIED = {"routing": "task"}
 #: Measured by default: the mechanisms the issue sets a target for.
 DEFAULT_MECHANISMS = [name for name, goal in TARGETS.items() if goal[1]]
 
@@ -68,11 +71,12 @@ def feeds(name: str, preset: str, tokens: int, n: int) -> list[dict[str, np.ndar
     out = []
     g = np.random.default_rng(0)
     for i in range(n):
-        feed = {k: v.numpy() for k, v in spec.inputs(config, _case(params), seed=i + 1).items()}
+        query = {**params, **({VARIED[name]: i} if name in VARIED else {})}
+        feed = {k: v.numpy() for k, v in spec.inputs(config, _case(query), seed=i + 1).items()}
         # new values of the optional inputs (Perceiver IO's output queries), the learned
         # count: the query graph is timed on new queries, the full graph on its defaults
-        for name, shape in optional_shapes(spec, preset).items():
-            feed[name] = g.standard_normal(shape).astype(np.float32)
+        for optional, shape in optional_shapes(spec, preset).items():
+            feed[optional] = g.standard_normal(shape).astype(np.float32)
         out.append({**feed, **image})
     return out
 

@@ -13,6 +13,11 @@ is left to choose is the exact tensors that cross: a cheap op (a reshape, a shap
 expand to the batch) whose context inputs cross anyway is recomputed on the query side when that
 shrinks the bytes crossing, so a ``Shape`` of a boundary tensor never crosses, nor a tensor and
 its expanded copy both; heavy ops never move.
+
+Work inside the branches of an ``If`` taken on the query (a routing choice) would be query
+work like the ``If`` itself: before classing, its context-only heavy work (each branch's visual
+keys and values) is moved out of the branches into the main graph (``hoist``), for the split
+pair only: the single graph keeps its branches whole.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from onnx import helper
 from qcrun.errors import UserError
 from qcrun.graphs import subgraphs
 
-CONST, CONTEXT, QUERY = 0, 1, 2
+from qcexport.split.hoist import hoist_branches
+from qcexport.split.reads import CONST, CONTEXT, QUERY, node_reads
 
 #: Ops the query side may recompute instead of receiving their output: they move or reshape
 #: data, or compute on shapes, at a cost proportional to the tensor at most.
@@ -64,26 +70,6 @@ class SplitGraphs:
     # optional inputs of the model (see ``optional_inputs``): required inputs of the query
     # graph, whose defaults the context graph hands over as boundary tensors of their names
     defaults: tuple[str, ...] = ()
-
-
-def outer_reads(graph: onnx.GraphProto) -> set[str]:
-    """The values a (sub)graph reads from the scopes around it, its subgraphs' included."""
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    read: set[str] = set()
-    for node in graph.node:
-        read.update(n for n in node.input if n and n not in defined)
-        for sub in subgraphs(node):
-            read.update(n for n in outer_reads(sub) if n not in defined)
-        defined.update(node.output)
-    return read
-
-
-def node_reads(node: onnx.NodeProto) -> list[str]:
-    """Every value ``node`` reads: its inputs and what its subgraphs read from outside."""
-    names = [n for n in node.input if n]
-    for sub in subgraphs(node):
-        names += sorted(outer_reads(sub))
-    return names
 
 
 def classify(graph: onnx.GraphProto, context_inputs: Iterable[str]) -> dict[str, int]:
@@ -324,6 +310,7 @@ def check_context_inputs(model: onnx.ModelProto, context_inputs: Sequence[str]) 
 def split_graph(model: onnx.ModelProto, context_inputs: Sequence[str]) -> SplitGraphs:
     """The context and query graphs of ``model`` (see the module docstring)."""
     check_context_inputs(model, context_inputs)
+    model = hoist_branches(model, context_inputs)
     graph = model.graph
     kind = classify(graph, context_inputs)
     infos = _types(model)

@@ -160,8 +160,9 @@ def profile_options(command):
                      "winning (0: skip)."),
         click.option("--threads", type=int, help="Engine threads [default: the engine's own]."),
         click.option("--accuracy", is_flag=True,
-                     help="OpenVINO: EXECUTION_MODE_HINT=ACCURACY (fp32, as parity runs) instead "
-                     "of its performance defaults."),
+                     help="OpenVINO: EXECUTION_MODE_HINT=ACCURACY (as parity runs) instead of "
+                     "its performance defaults; the inference precision is the model's declared "
+                     "one either way."),
         click.option("--top", type=int, default=8, show_default=True,
                      help="Entries of the per-op tables."),
         click.option("--module-depth", type=int, default=2, show_default=True,
