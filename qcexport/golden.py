@@ -167,19 +167,12 @@ def write_golden(
     changes = _diff(existing, cases) if existing is not None else []
     real = [c for c in changes if c.what != "rounding"]
     result = GoldenResult(directory, [c.name for c, _, _ in cases], False, changes)
-    with_intermediates = with_intermediates or bool(
-        existing is not None and existing.manifest.intermediates)
-    adding = with_intermediates and existing is not None and not existing.manifest.intermediates
-    if existing is not None and not real and not adding:
+    write, with_intermediates = _must_write(
+        directory, existing, real, with_intermediates, update,
+        hint=f"if the change is intended, rerun with `qcexport golden {name} --preset "
+        f"{preset} --update` and commit the new golden data")
+    if not write:
         return result  # nothing to write: the stored set still holds
-    if existing is not None and not update:
-        raise UserError(
-            f"regenerating {directory} would change {len(real)} stored arrays: "
-            + "; ".join(c.describe() for c in real[:8]),
-            stage="golden",
-            hint=f"if the change is intended, rerun with `qcexport golden {name} --preset "
-            f"{preset} --update` and commit the new golden data",
-        )
     _write(directory, {"mechanism": spec.name, "preset": preset,
                        "config": dataclasses.asdict(config), "seed": GOLDEN_SEED},
            module, cases, existing, with_intermediates=with_intermediates)
@@ -216,8 +209,26 @@ def _diff(existing: GoldenSet, cases) -> list[Change]:
     return changes
 
 
+def _must_write(directory: Path, existing: GoldenSet | None, real: list[Change],
+                with_intermediates: bool, update: bool, *, hint: str) -> tuple[bool, bool]:
+    """(whether the set must be written, whether with module outputs): an existing set keeps
+    its stored intermediates; one that still holds is left alone unless intermediates are
+    being added; changing stored arrays needs ``update``."""
+    kept = bool(existing is not None and existing.manifest.intermediates)
+    with_intermediates = with_intermediates or kept
+    adding = with_intermediates and existing is not None and not kept
+    if existing is not None and not real and not adding:
+        return False, with_intermediates
+    if existing is not None and not update:
+        raise UserError(
+            f"regenerating {directory} would change {len(real)} stored arrays: "
+            + "; ".join(c.describe() for c in real[:8]), stage="golden", hint=hint)
+    return True, with_intermediates
+
+
 def _write(directory: Path, header: dict[str, Any], module, cases,
-           existing: GoldenSet | None, *, with_intermediates: bool = False) -> None:
+           existing: GoldenSet | None, *, with_intermediates: bool = False,
+           constants: Mapping[str, Any] | None = None) -> None:
     """Write a golden set: ``header`` (mechanism, preset, config or source, seed...) plus the
     weights, one npz per case and the hashes. Every file is serialised before the first one is
     written; a new set is built in a hidden sibling directory and renamed into place, and in an
@@ -249,7 +260,7 @@ def _write(directory: Path, header: dict[str, Any], module, cases,
         "cases": entries,
     }
     if with_intermediates:
-        manifest["intermediates"] = _intermediates(module, cases, files)
+        manifest["intermediates"] = _intermediates(module, cases, files, constants)
     # Only files the previous manifest listed are removed: never a file the tool did not write.
     stale = ({e.file for e in existing.manifest.cases} - set(files)) if existing else set()
     target = directory if existing is not None else Path(tempfile.mkdtemp(
@@ -268,14 +279,15 @@ def _write(directory: Path, header: dict[str, Any], module, cases,
         (directory / name).unlink(missing_ok=True)
 
 
-def _intermediates(module, cases, files: dict[str, bytes]) -> list[dict[str, Any]]:
+def _intermediates(module, cases, files: dict[str, bytes],
+                   constants: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every module's output of each case (forward hooks, execution order), one npz per case
     added to ``files``; their manifest entries. Cases are done one at a time."""
     from qcexport.hooks import EagerReference
 
     entries = []
     for case, inputs, _ in cases:
-        reference = EagerReference(module, {case.name: inputs})
+        reference = EagerReference(module, {case.name: inputs}, constants)
         order = reference.order(case.name)
         arrays = reference.values(case.name, order)
         file = f"{case.name}.modules.npz"
@@ -358,6 +370,7 @@ def write_module_golden(
     source: Mapping[str, Any] | None = None,
     seed: int = 0,
     update: bool = False,
+    with_intermediates: bool = False,
 ) -> GoldenResult:
     """Write the golden set of a user's module into ``out_dir``, from PyTorch eager.
 
@@ -373,7 +386,8 @@ def write_module_golden(
 
     An existing set in ``out_dir`` is compared as :func:`write_golden` does; a change (other
     weights included) needs ``update=True``. A directory that holds files but no golden set is
-    refused, never overwritten.
+    refused, never overwritten. ``with_intermediates`` stores every submodule's output of each
+    case too, as :func:`write_golden` does.
     """
     from qcexport.export.outputs import bind_inputs, split_inputs
 
@@ -401,18 +415,16 @@ def write_module_golden(
         changes.append(Change("*", WEIGHTS_FILE, "changed"))
     real = [c for c in changes if c.what != "rounding"]
     result = GoldenResult(directory, [c.name for c, _, _ in computed], False, changes)
-    if existing is not None and not real:
+    write, with_intermediates = _must_write(
+        directory, existing, real, with_intermediates, update,
+        hint="if the change is intended (other weights or cases), rerun with --update; "
+        "else write the new set to another directory")
+    if not write:
         return result
-    if existing is not None and not update:
-        raise UserError(
-            f"regenerating {directory} would change {len(real)} stored arrays: "
-            + "; ".join(c.describe() for c in real[:8]),
-            stage="golden",
-            hint="if the change is intended (other weights or cases), rerun with --update; "
-            "else write the new set to another directory")
     header = {"mechanism": CUSTOM, "preset": CUSTOM, "seed": seed,
               "source": dict(source or {}), "constants": dict(fixed)}
-    _write(directory, header, module, computed, existing)
+    _write(directory, header, module, computed, existing, with_intermediates=with_intermediates,
+           constants=fixed)
     result.written = True
     return result
 

@@ -39,9 +39,12 @@ class EagerReference:
 
     name = "eager"
 
-    def __init__(self, module: nn.Module, inputs: Mapping[str, Mapping[str, np.ndarray]]):
+    def __init__(self, module: nn.Module, inputs: Mapping[str, Mapping[str, np.ndarray]],
+                 constants: Mapping[str, Any] | None = None):
         self.module = module.eval()
         self.inputs = inputs
+        # the non-tensor arguments convert fixed in the graph (a user's module)
+        self.constants = dict(constants or {})
         self._order: dict[str, list[str]] = {}
         self._sizes: dict[str, dict[str, int]] = {}
 
@@ -67,7 +70,7 @@ class EagerReference:
         try:
             feed = {k: torch.from_numpy(np.array(v)) for k, v in self.inputs[case].items()}
             with torch.no_grad(), mock.patch.object(torch, "cond", _python_cond):
-                self.module(**feed)
+                self.module(**feed, **self.constants)
         finally:
             for h in handles:
                 h.remove()

@@ -42,10 +42,8 @@ def golden(name, all_, preset, update, root, factory, hf_path, component, output
         if name or all_:
             raise UserError("give NAME, --all, --module or --hf, not several",
                             hint="e.g. `qcexport golden --hf DIR --component qformer -o OUT`")
-        if with_intermediates:
-            raise UserError("--with-intermediates is for a mechanism's golden set",
-                            hint="e.g. `qcexport golden qformer --with-intermediates`")
-        _user_golden(factory, hf_path, component, output, outputs, seed, update)
+        _user_golden(factory, hf_path, component, output, outputs, seed, update,
+                     with_intermediates)
         return
     if output or outputs:
         raise UserError("-o and --outputs are for --module and --hf",
@@ -80,7 +78,8 @@ def _golden_state(directory: Path, mech: str, preset: str) -> str:
     return f"{directory} holds a complete golden set (its hashes check out)"
 
 
-def _user_golden(factory, hf_path, component, output, outputs, seed, update) -> None:
+def _user_golden(factory, hf_path, component, output, outputs, seed, update,
+                 with_intermediates=False) -> None:
     """`qcexport golden --module F -o DIR` / `--hf PATH --component NAME -o DIR`."""
     from qcexport.golden import write_module_golden
 
@@ -96,13 +95,15 @@ def _user_golden(factory, hf_path, component, output, outputs, seed, update) -> 
 
         label = f"{hf_path} ({component})"
         result = hf.write_golden(None, load_hf(hf_path, component), output, output_names=names,
-                                 seed=seed, update=update)
+                                 seed=seed, update=update,
+                                 with_intermediates=with_intermediates)
     else:
         module, example, axes, cases = load_factory(factory, with_cases=True)
         label = factory
         result = write_module_golden(module, example, output, dynamic_axes=axes, cases=cases,
                                      output_names=names, seed=seed, update=update,
-                                     source={"kind": "factory", "factory": factory})
+                                     source={"kind": "factory", "factory": factory},
+                                     with_intermediates=with_intermediates)
     state = "written" if result.written else "unchanged"
     click.echo(f"{label}: {len(result.cases)} cases {state} in {result.path}")
     for change in result.changes:

@@ -39,7 +39,7 @@ def convert(path_or_id: str | os.PathLike | None, component: str | HFComponent, 
 
 def write_golden(path_or_id: str | os.PathLike | None, component: str | HFComponent,
                  out_dir: str | Path, *, output_names: list[str] | None = None, seed: int = 0,
-                 update: bool = False):
+                 update: bool = False, with_intermediates: bool = False):
     """The component's golden set: its spec's cases (case i drawn with seed
     ``GOLDEN_SEED + seed + i``), outputs named as :func:`convert` names them."""
     from qcexport.golden import GOLDEN_SEED, write_module_golden
@@ -48,4 +48,5 @@ def write_golden(path_or_id: str | os.PathLike | None, component: str | HFCompon
     return write_module_golden(comp.module, comp.example_inputs, out_dir,
                                dynamic_axes=comp.dynamic_axes, cases=comp.cases(GOLDEN_SEED + seed),
                                output_names=output_names or comp.output_names,
-                               source=comp.metadata["source"], seed=seed, update=update)
+                               source=comp.metadata["source"], seed=seed, update=update,
+                               with_intermediates=with_intermediates)

@@ -146,6 +146,17 @@ def quantize_model_dir(model_dir: str | Path, precision: str, output_dir: str | 
         raise
 
 
+def _source_and_exclusions(model_dir: Path, out_dir: Path, precision: str, target,
+                           exclude_modules: Sequence[str]):
+    """``_source``'s (source, target), and the modules kept in float: the mechanism's own
+    (its spec's ``quantize_exclude``), then the user's."""
+    source, target = _source(model_dir, out_dir, precision, target)
+    if source.manifest.builtin:
+        exclude_modules = [*mechanisms.get(source.manifest.mechanism).quantize_exclude,
+                           *exclude_modules]
+    return source, target, list(exclude_modules)
+
+
 def _source(model_dir: Path, out_dir: Path, precision: str, target: str | None):
     """The checked fp32 model directory and the target to quantize for. Types, paths, hashes
     and the graph's precision are checked: a truncated or edited model is refused before any
@@ -255,11 +266,9 @@ def _quantize_model_dir(
 ) -> QuantizeResult:
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(output_dir)
-    source, target = _source(model_dir, out_dir, precision, target)
+    source, target, exclude_modules = _source_and_exclusions(model_dir, out_dir, precision,
+                                                             target, exclude_modules)
     manifest, src = source.manifest, source.model
-    if manifest.builtin:
-        exclude_modules = [*mechanisms.get(manifest.mechanism).quantize_exclude,
-                           *exclude_modules]
     stages = StageRunner(on_stage)
     calibration, evaluation = stages("calibrate", _feeds, manifest, precision,
                                      calibration_file, calibration_cases, evaluation_cases)

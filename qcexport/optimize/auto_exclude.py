@@ -211,7 +211,7 @@ def attribute_qdq(model) -> None:
                 common.append(parts[0])
             module = ".".join(common)
         for member in pair if module else ():
-            bd._absolute(member, module)  # boundaries' own writer of the exporter's scopes
+            bd.set_module(member, module)
 
 
 def _nsr(snr_db: float | None) -> float:

@@ -35,7 +35,6 @@ from qcrun.golden import file_sha256
 from qcrun.parity import TolerancePolicy, compare, policy_for
 from qcrun.schema import dump
 
-from qcexport import mechanisms
 from qcexport.export.save import prepare_output_dir, replace_pair
 from qcexport.optimize.precision import (
     Calibration,
@@ -257,16 +256,14 @@ def quantize_nncf_dir(
 ):
     """``model_dir`` (fp32, ONNX) quantized by NNCF into ``output_dir`` as IR; see the module
     docstring. Returns a ``qcexport.optimize.QuantizeResult``."""
-    from qcexport.optimize import QuantizeResult, _feeds, _source
+    from qcexport.optimize import QuantizeResult, _feeds, _source_and_exclusions
 
     import_nncf()  # before any work: the install command, not a half-made directory
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(output_dir)
-    source, target = _source(model_dir, out_dir, PRECISION, target)
+    source, target, exclude_modules = _source_and_exclusions(model_dir, out_dir, PRECISION,
+                                                             target, exclude_modules)
     manifest, src = source.manifest, source.model
-    if manifest.builtin:
-        exclude_modules = [*mechanisms.get(manifest.mechanism).quantize_exclude,
-                           *exclude_modules]
     onnx_model = load_checked(src, stage="quantize")
     exclude = resolve_exclusions(onnx_model, exclude_nodes, exclude_modules)
     # OpenVINO names an op after its ONNX node or after the node's output: keep both

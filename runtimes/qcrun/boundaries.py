@@ -236,12 +236,12 @@ def specialise(model, taken: Mapping[str, bool]):
             copied.CopyFrom(inner)
             _rename_inputs(copied, renamed)
             copied.name = f"{node.name}/{inner.name}"  # branches repeat node names
-            _absolute(copied, modules.get(node_key(inner), modules.get(node_key(node), "")))
+            set_module(copied, modules.get(node_key(inner), modules.get(node_key(node), "")))
             nodes.append(copied)
         for result, source in zip(node.output, branch.output, strict=True):
             nodes.append(onnx.helper.make_node("Identity", [source.name], [result],
                                                name=f"{node.name}/{branch_name}/{result}"))
-            _absolute(nodes[-1], modules.get(node_key(node), ""))
+            set_module(nodes[-1], modules.get(node_key(node), ""))
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     return out
@@ -259,7 +259,9 @@ def _rename_inputs(node, renamed: Mapping[str, str]) -> None:
                 _rename_inputs(inner, renamed)
 
 
-def _absolute(node, module: str) -> None:
+def set_module(node, module: str) -> None:
+    """Attribute ``node`` to PyTorch module ``module`` the way the exporter records it (its
+    ``pkg.torch.onnx.name_scopes``), replacing what it had."""
     scopes = [""] + _ancestry(module) + [node.op_type]
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":

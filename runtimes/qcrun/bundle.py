@@ -467,7 +467,12 @@ class Bundle:
         if ov is None or ov.cache is None:
             return "none"
         if getattr(self, "_cache_intact", None) is None:
-            self.verify()
+            # Unverified (load(verify=False)): hash the cache's own file, not the whole bundle.
+            entry = self.spec.files.get(ov.cache)
+            self._cache_intact = (
+                entry is not None and ov.cache not in self.skipped
+                and _check_file(self.root, ov.cache, entry,
+                                f"bundle {self.source}: {BUNDLE_MANIFEST}") is None)
         if not self._cache_intact:
             return "not used: its files do not match bundle.json (missing or modified)"
         return "intact"
