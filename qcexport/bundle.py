@@ -458,15 +458,17 @@ def _golden_subset(gset: GoldenSet, cases, out: Path) -> GoldenSet:
                 raise unknown_choice("golden case", case, names, flag="--cases")
     out.mkdir(parents=True)
     entries = [e for e in gset.manifest.cases if e.name in chosen]
+    # the chosen cases' stored module outputs (golden --with-intermediates) come along
+    modules = [e for e in gset.manifest.intermediates or () if e.case in chosen]
     where = f"golden manifest {gset.path / GOLDEN_MANIFEST}"
-    for entry in entries:
-        source = inside(gset.path, entry.file, where=where, field="case file", stage="bundle")
-        (out / entry.file).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, out / entry.file)
-        os.chmod(out / entry.file, 0o644)
+    for file in [e.file for e in entries] + [e.file for e in modules]:
+        source = inside(gset.path, file, where=where, field="case file", stage="bundle")
+        (out / file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, out / file)
+        os.chmod(out / file, 0o644)
     weights = gset.manifest.weights
     manifest = dataclasses.replace(
-        gset.manifest, weights=None, cases=entries,
+        gset.manifest, weights=None, cases=entries, intermediates=modules or None,
         subset_of=SubsetOf(cases=names, weights_file_sha256=weights.sha256 if weights else None))
     write_atomic(out / GOLDEN_MANIFEST, golden_manifest_json(manifest))
     os.chmod(out / GOLDEN_MANIFEST, 0o644)

@@ -35,6 +35,9 @@ def matrix():
               help="What a device runs per cell: verify (parity), profile (latency).")
 @click.option("--runs", "profile_runs", type=int, default=50, show_default=True,
               help="Timed runs of each cell's profile.")
+@click.option("--golden", "goldens", multiple=True, metavar="MODEL_DIR=GOLDEN_DIR",
+              help="The golden set of a model directory in --models (your own model's, from "
+              "`qcexport golden --hf/--module -o`); repeatable.")
 @click.option("--runner", "runners", multiple=True, metavar="TARGET=LABELS",
               help="CI runner labels of a target, e.g. jetson-orin=self-hosted,jetson-agx "
               "(repeatable) [default: the table in qcexport.matrix.plan].")
@@ -49,14 +52,20 @@ def matrix():
 @click.option("--workflow-file", type=click.Path(path_type=Path, dir_okay=False),
               help="Where the workflow goes [default: .github/workflows/qcexport-matrix.yml, "
               "or .gitlab-ci.yml].")
-def plan_command(models, precisions, target_names, optional, checks, profile_runs, runners,
-                 qcrun_spec, qcexport_spec, output, workflow, workflow_file):
+def plan_command(models, precisions, target_names, optional, checks, profile_runs, goldens,
+                 runners, qcrun_spec, qcexport_spec, output, workflow, workflow_file):
     """Plan the cells MODELS x PRECISIONS x TARGETS and write them to -o plan.json."""
-    from qcexport.matrix.plan import PlanOptions, make_plan, parse_runners, write_plan
+    from qcexport.matrix.plan import (
+        PlanOptions,
+        make_plan,
+        parse_goldens,
+        parse_runners,
+        write_plan,
+    )
     from qcexport.matrix.workflow import DEFAULT_PATHS, render
 
     plan = make_plan(PlanOptions(
-        models=models, precisions=precisions, targets=target_names, optional=optional,
+        models=models, goldens=parse_goldens(goldens), precisions=precisions, targets=target_names, optional=optional,
         checks=checks.split(","), runners=parse_runners(runners), profile_runs=profile_runs,
         qcrun_spec=qcrun_spec, qcexport_spec=qcexport_spec, argv=["qcexport", *sys.argv[1:]]))
     workflow_text = None

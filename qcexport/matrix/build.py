@@ -62,15 +62,14 @@ def build_bundles(plan: MatrixPlan, workdir: Path, *, only: set[str] | None = No
             path = bundle_path(plan, bundle, workdir)
             say(f"bundle {bundle.id}: {model.describe()}, {bundle.precision}, for "
                 f"{', '.join(bundle.targets)}")
-            _make(sources[model.id], bundle, path)
+            _make(sources[model.id], bundle, path, _golden(model, workdir))
             built.append(Built(bundle.id, path, True))
     return built
 
 
 def _model_dir(model: ModelRef, workdir: Path, scratch: Path, say: Say) -> Path:
     if model.path is not None:
-        path = Path(model.path)
-        return path if path.is_absolute() else workdir / path
+        return _resolved(model.path, workdir)
     from qcexport.export import convert_mechanism
 
     out = scratch / model.id
@@ -82,11 +81,23 @@ def _model_dir(model: ModelRef, workdir: Path, scratch: Path, say: Say) -> Path:
     return out
 
 
-def _make(model_dir: Path, bundle: PlannedBundle, path: Path) -> None:
+def _golden(model: ModelRef, workdir: Path) -> Path | None:
+    if model.golden is None:
+        return None  # a built-in mechanism: its committed golden set
+    return _resolved(model.golden, workdir)
+
+
+def _resolved(text: str, workdir: Path) -> Path:
+    """A path of the plan: relative ones are from the working directory of every job."""
+    path = Path(text)
+    return path if path.is_absolute() else workdir / path
+
+
+def _make(model_dir: Path, bundle: PlannedBundle, path: Path, golden: Path | None) -> None:
     from qcexport.bundle import make_bundle
 
     try:
-        make_bundle(model_dir, bundle.target, bundle.precision, path)
+        make_bundle(model_dir, bundle.target, bundle.precision, path, golden=golden)
     except UserError as e:
         raise _named(f"bundle {bundle.id}", e) from None
 

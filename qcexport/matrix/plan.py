@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 from qcrun.cell import CELL_ID, CHECKS
 from qcrun.choices import PRECISIONS
 from qcrun.errors import UserError, unknown_choice
-from qcrun.files import MANIFEST_FILE, write_atomic
+from qcrun.files import MANIFEST_FILE, read_model_dir, write_atomic
 from qcrun.parity import name_list
 from qcrun.schema import dump, parse, read_json
 from qcrun.targets import get_target
@@ -70,6 +70,7 @@ class ModelRef:
     mechanism: str | None = None
     preset: str | None = None
     path: str | None = None
+    golden: str | None = None  # a model directory's golden set (a built-in has its own)
 
     def describe(self) -> str:
         return f"{self.mechanism} ({self.preset})" if self.mechanism else f"{self.path}"
@@ -147,6 +148,7 @@ class PlanOptions:
     """What ``qcexport matrix plan`` was asked for (``argv`` is recorded in the plan)."""
 
     models: Sequence[str]
+    goldens: Mapping[str, str] = field(default_factory=dict)  # model directory -> golden set
     precisions: Sequence[str] = ("fp32",)
     targets: Sequence[str] = ("ort-cpu", "openvino-cpu", "onnx-reference")
     optional: Sequence[str] = ()
@@ -161,7 +163,10 @@ class PlanOptions:
 def make_plan(options: PlanOptions) -> MatrixPlan:
     """The plan for ``options``; every name is checked here, before any work, and a
     precision a target does not run is left out with the reason (``not_planned``)."""
-    models = [_model_ref(text) for text in name_list(list(options.models))]
+    models = [_model_ref(text, options.goldens) for text in name_list(list(options.models))]
+    for directory in set(options.goldens) - {m.path for m in models if m.path}:
+        raise UserError(f"--golden names {directory}, which is not among --models",
+                        stage="plan", hint="pass the model directory in --models too")
     if not models:
         raise UserError("no models given", stage="plan",
                         hint="pass --models qformer:tiny,perceiver (MECHANISM[:PRESET] or a "
@@ -212,7 +217,7 @@ def make_plan(options: PlanOptions) -> MatrixPlan:
                       profile_args=profile_args, not_planned=not_planned)
 
 
-def _model_ref(text: str) -> ModelRef:
+def _model_ref(text: str, goldens: Mapping[str, str]) -> ModelRef:
     from qcexport import mechanisms
 
     path = Path(text)
@@ -221,7 +226,12 @@ def _model_ref(text: str) -> ModelRef:
             raise UserError(f"{text} is not a model directory (no {MANIFEST_FILE})",
                             stage="plan", hint="pass a directory written by `qcexport convert`, "
                             "or a built-in mechanism name (qcexport list)")
-        return ModelRef(id=_safe_id(path.resolve().name), path=path.as_posix())
+        golden = goldens.get(path.as_posix())
+        if golden is None and not read_model_dir(path, stage="plan").manifest.builtin:
+            raise UserError(f"{text} is your own model: its cells need its golden set",
+                            stage="plan", hint=f"pass --golden {text}=GOLDEN_DIR (written by "
+                            "`qcexport golden --hf/--module ... -o GOLDEN_DIR`)")
+        return ModelRef(id=_safe_id(path.resolve().name), path=path.as_posix(), golden=golden)
     mechanism, _, preset = text.partition(":")
     spec = mechanisms.get(mechanism)  # unknown name: a UserError listing the known ones
     preset = preset or DEFAULT_PRESET
@@ -291,6 +301,22 @@ def _unique(ids: list[str], what: str) -> None:
             raise UserError(f"two entries give the {what} {ident!r}", stage="plan",
                             hint="name each model once")
         seen.add(ident)
+
+
+def parse_goldens(items: Sequence[str]) -> dict[str, str]:
+    """``--golden MODEL_DIR=GOLDEN_DIR`` (repeatable) as {model directory: golden set}."""
+    goldens = {}
+    for item in items:
+        model, sep, golden = item.partition("=")
+        if not sep or not model.strip() or not golden.strip():
+            raise UserError(f"--golden {item!r} is not MODEL_DIR=GOLDEN_DIR", stage="plan",
+                            hint="e.g. --golden out/blip2=out/golden-blip2")
+        if not (Path(golden.strip()) / MANIFEST_FILE).is_file():
+            raise UserError(f"--golden {item!r}: {golden.strip()} is not a golden set (no "
+                            f"{MANIFEST_FILE})", stage="plan",
+                            hint="write it with `qcexport golden --hf/--module ... -o DIR`")
+        goldens[Path(model.strip()).as_posix()] = Path(golden.strip()).as_posix()
+    return goldens
 
 
 def parse_runners(items: Sequence[str]) -> dict[str, list[str]]:
